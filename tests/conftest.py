@@ -25,7 +25,7 @@ TOPICS = [
     ("Wie buche ich einen Besprechungsraum?", "Besprechungsräume bucht man im Kalender unter 'Räume'.", "de"),
     ("Wo melde ich einen defekten Laptop?", "Erstelle ein IT-Ticket im Helpdesk-Portal mit der Inventarnummer.", "de"),
     ("Wie viele Urlaubstage habe ich?", "Vollzeitkräfte haben 30 Urlaubstage pro Kalenderjahr.", "de"),
-    ("Wie verbinde ich mich mit dem VPN?", "Installiere den VPN-Client aus dem Softwarecenter und melde dich an.", "de"),
+    ("Wie verbinde ich mich mit dem VPN?", "Installiere den VPN-Client aus dem Softwarecenter, melde dich an.", "de"),
     ("Wer genehmigt meine Reisekosten?", "Deine Teamleitung genehmigt Reisekosten im Spesen-Tool.", "de"),
 ]
 PARAPHRASES = {
@@ -56,12 +56,11 @@ def small_qa_csv(tmp_path: Path) -> Path:
 
 def build_tiny_model(folder: Path, texts: list[str]) -> Path:
     """Save a SentenceTransformer made of a fresh WordPiece tokenizer and a random 2-layer BERT."""
+    import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    import torch
 
     torch.manual_seed(0)
     hf_folder = folder / "hf"

@@ -1,0 +1,535 @@
+"""Curate a question/answer CSV and split it into train, validation and test sets without leaks.
+
+Reads DATA_PATH (default data/qa_data.csv), cleans it, drops exact duplicates, groups the rows that must stay
+together (same normalised question, same answer, same GROUP_COLUMN value) and puts whole groups into train,
+validation and test (80/10/10). Rows that an earlier run already split keep their split, so the test set stays
+the test set as the data grows. Writes the three split CSVs and DATA_DIR/split_manifest.json.
+
+    python split_data.py
+    DATA_PATH=my_faq.csv GROUP_COLUMN=id python split_data.py
+"""
+
+import codecs
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import unicodedata
+from functools import cache
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+from dotenv import load_dotenv
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+# --- Settings: edit here, or override any of them by name in .env or the environment ---
+DATA_DIR = "data"
+DATA_PATH = ""  # "" -> DATA_DIR/qa_data.csv
+TRAIN_PATH = ""  # "" -> DATA_DIR/qa_training_set.csv
+VALIDATION_PATH = ""  # "" -> DATA_DIR/qa_validation_set.csv
+TEST_PATH = ""  # "" -> DATA_DIR/qa_test_set.csv
+SPLIT_MANIFEST_PATH = ""  # "" -> DATA_DIR/split_manifest.json
+SEED = 42  # decides the order in which new groups are dealt out to the splits
+VALIDATION_FRACTION = 0.1
+TEST_FRACTION = 0.1
+GROUP_COLUMN = ""  # rows with the same non-empty value here share a split, e.g. "id" keeps XQuAD translations together
+SCRUB_PII = False  # replace e-mail addresses, phone numbers and IBANs in questions and answers by placeholders
+
+# Lower-case on purpose: everything UPPER_CASE above is a setting.
+split_names = ("train", "validation", "test")
+split_settings = ("SEED", "VALIDATION_FRACTION", "TEST_FRACTION", "GROUP_COLUMN", "SCRUB_PII")
+# Changing these regroups rows that are already split, which could put one group on both sides of a split.
+grouping_settings = ("GROUP_COLUMN", "SCRUB_PII")
+# IBANs before phone numbers, whose digits they contain. A phone number starts with + or 0 and is separated by
+# spaces, / or -, never dots, so that dates like 01.02.2024 are left alone.
+pii_patterns = {
+    "email": (re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}"), "[EMAIL]"),
+    "iban": (re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"), "[IBAN]"),
+    "phone": (
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ /-]?|\(?0\d{1,5}\)?[ /-]?)\d(?:[ /-]?\d){4,12}(?!\w)"),
+        "[PHONE]",
+    ),
+}
+
+
+class InputError(Exception):
+    """Bad input the user can fix: printed as one `error: ...` line, exit code 2."""
+
+
+def main() -> None:
+    # 1. Settings: the constants above, overridden by .env and the environment.
+    s = settings()
+    print("settings:")
+    for name, value in vars(s).items():
+        print(f"  {name} = {value}")
+    outputs = {"train": s.TRAIN_PATH, "validation": s.VALIDATION_PATH, "test": s.TEST_PATH}
+
+    # 2. Read the input and the previous split. Split files that no longer match their manifest were edited by
+    #    hand (or restored wrongly): refusing is the only way not to lose or silently replace them.
+    raw = input_bytes(s.DATA_PATH)
+    input_sha256 = hashlib.sha256(raw).hexdigest()
+    previous = verified_previous_manifest(s.SPLIT_MANIFEST_PATH, outputs)
+    if previous and previous["input"]["sha256"] == input_sha256 and previous["settings"] == split_settings_of(s):
+        print(f"input and settings unchanged since {s.SPLIT_MANIFEST_PATH}: the splits are up to date, nothing written")
+        for name, output in previous["outputs"].items():
+            print(f"  {name}: {output['rows']:,} rows in {output['path']}")
+        return
+    for name in grouping_settings if previous else ():
+        if previous["settings"].get(name) != vars(s)[name]:
+            raise InputError(
+                f"{name} changed from {previous['settings'].get(name)!r} to {vars(s)[name]!r} since "
+                f"{s.SPLIT_MANIFEST_PATH} was written, which "
+                f"would regroup rows that are already split; set {name} back, or delete the three split files and "
+                f"the manifest to split from scratch"
+            )
+    data, encoding = utf8_bytes(raw, s.DATA_PATH)
+    del raw
+    frame, delimiter = read_table(data, s.DATA_PATH)
+    del data
+    rows_read = len(frame)
+    print(
+        f"2. read {s.DATA_PATH}: {rows_read:,} rows; columns {', '.join(frame.columns)}; {encoding}; "
+        f"delimiter {delimiter!r}"
+    )
+    group_column = matching_column(frame, s.GROUP_COLUMN, s.DATA_PATH) if s.GROUP_COLUMN else None
+    language_column = next((c for c in frame.columns if str(c).strip().casefold() == "language"), None)
+
+    # 3. Clean: Unicode NFC and single spaces, then drop what cannot be a training pair.
+    frame["Question"] = cleaned(frame["Question"])
+    frame["Answer"] = cleaned(frame["Answer"])
+    header_repeats = (frame["Question"].str.casefold() == "question") & (frame["Answer"].str.casefold() == "answer")
+    frame = frame[~header_repeats]
+    for column in ("Question", "Answer"):
+        if len(frame) and (frame[column] == "").all():
+            raise InputError(f"column {column} of {s.DATA_PATH} is empty in every row; fill it in")
+    empty = (frame["Question"] == "") | (frame["Answer"] == "")
+    frame = frame[~empty]
+    print(
+        f"3. cleaned: {int(header_repeats.sum()):,} repeated header lines and {int(empty.sum()):,} rows with an "
+        f"empty question or answer dropped"
+    )
+    pii_replaced = None
+    if s.SCRUB_PII:
+        frame["Question"], question_counts = scrubbed(frame["Question"])
+        frame["Answer"], answer_counts = scrubbed(frame["Answer"])
+        pii_replaced = {kind: question_counts[kind] + answer_counts[kind] for kind in pii_patterns}
+        print("   PII replaced: " + ", ".join(f"{n:,} {kind}" for kind, n in pii_replaced.items()))
+
+    # 4. Deduplicate and group: exact duplicate pairs go, and every row joins the connected component of rows
+    #    that share its normalised question, its answer or its group value. A component never straddles splits.
+    duplicates = frame.duplicated(["Question", "Answer"])
+    frame = frame[~duplicates]
+    if frame.empty:
+        raise InputError(f"{s.DATA_PATH} has no rows with both a question and an answer; add some")
+    question_keys = frame["Question"].map(normalised_question)
+    group_values = frame[group_column].astype(str).str.strip() if group_column else None
+    group = group_ids(question_keys, frame["Answer"], group_values)
+    groups = int(group.max()) + 1
+    linked_by = "normalised question, answer" + (f" or {group_column}" if group_column else "")
+    print(
+        f"4. deduplicated: {int(duplicates.sum()):,} exact duplicate pairs dropped; {len(frame):,} rows in "
+        f"{groups:,} groups (rows linked by {linked_by})"
+    )
+
+    # 5. Assign: rows from the previous split keep it, new rows follow their group, new groups are dealt out.
+    previous_split = previous_splits(frame, outputs) if previous else np.full(len(frame), np.nan)
+    split, bridging = assigned_splits(group, previous_split, question_keys.to_numpy(), s)
+    new, held_out = int(np.isnan(previous_split).sum()), int(bridging.sum())
+    kept = len(frame) - new
+    print(
+        f"5. assigned: {kept:,} rows kept their previous split, {new - held_out:,} new rows assigned, {held_out:,} "
+        f"held out (each links groups that are already in different splits)"
+    )
+    for number, question in zip(frame.index[bridging][:3], frame["Question"][bridging][:3], strict=True):
+        print(f"   held out: row {number + 1}: {question[:80]!r}")
+    frame, split = frame[~bridging], split[~bridging].astype(int)
+    by_split = {name: int((split == i).sum()) for i, name in enumerate(split_names)}
+    fractions = {
+        "train": 1 - s.VALIDATION_FRACTION - s.TEST_FRACTION,
+        "validation": s.VALIDATION_FRACTION,
+        "test": s.TEST_FRACTION,
+    }
+    for name, rows in by_split.items():
+        if rows == 0 and fractions[name] > 0:
+            raise InputError(
+                f"{s.DATA_PATH} has only {groups} group(s) of rows that must stay together, too few to fill the {name} "
+                f"split; add rows with other questions and answers"
+            )
+
+    # 6. Write all splits to temporary files first, then rename them into place, the manifest last: a run that
+    #    dies on the way leaves the previous files whole.
+    contents = {
+        name: frame[split == i].to_csv(index=False, lineterminator="\n").encode("utf-8")
+        for i, name in enumerate(split_names)
+    }
+    counts = {
+        "rows_read": rows_read,
+        "header_repeats": int(header_repeats.sum()),
+        "dropped_empty": int(empty.sum()),
+        "exact_duplicates": int(duplicates.sum()),
+        "groups": groups,
+        "kept_previous_split": kept,
+        "new_rows": new,
+        "held_out_bridging": held_out,
+        "by_split": by_split,
+    }
+    if pii_replaced is not None:
+        counts["pii_replaced"] = pii_replaced
+    if language_column:
+        languages = frame[language_column].astype(str).str.strip().to_numpy()
+        counts["by_language"] = {
+            language: {name: int(((languages == language) & (split == i)).sum()) for i, name in enumerate(split_names)}
+            for language in sorted(set(languages))
+        }
+    manifest = {
+        "input": {
+            "path": s.DATA_PATH,
+            "sha256": input_sha256,
+            "rows": rows_read,
+            "encoding": encoding,
+            "delimiter": delimiter,
+        },
+        "settings": split_settings_of(s),
+        "counts": counts,
+        "outputs": {
+            name: {"path": outputs[name], "sha256": hashlib.sha256(contents[name]).hexdigest(), "rows": by_split[name]}
+            for name in split_names
+        },
+        "history": history(previous, input_sha256, s, counts),
+    }
+    files = {outputs[name]: contents[name] for name in split_names}
+    files[s.SPLIT_MANIFEST_PATH] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    write_atomically(files)
+    print("6. wrote:")
+    for name in split_names:
+        print(f"   {name}: {by_split[name]:,} rows ({by_split[name] / len(frame):.1%}) in {outputs[name]}")
+    for language, row in counts.get("by_language", {}).items():
+        print(f"   {language or '(no language)'}: " + ", ".join(f"{name} {n:,}" for name, n in row.items()))
+    if previous:
+        change = manifest["history"][-1]
+        print(
+            f"   since the previous split: input {'changed' if change['input_changed'] else 'unchanged'}, "
+            f"settings changed: {change['settings_changed'] or 'none'}; rows kept {change['rows_kept']:,}, added "
+            f"{change['rows_added']:,}, removed {change['rows_removed']:,}, held out {change['rows_held_out']:,}"
+        )
+    print(f"   manifest: {s.SPLIT_MANIFEST_PATH}")
+
+
+def settings() -> SimpleNamespace:
+    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
+    load_dotenv(".env")
+    values = {name: env_value(name, value) for name, value in globals().items() if name.isupper()}
+    defaults = {
+        "DATA_PATH": "qa_data.csv",
+        "TRAIN_PATH": "qa_training_set.csv",
+        "VALIDATION_PATH": "qa_validation_set.csv",
+        "TEST_PATH": "qa_test_set.csv",
+        "SPLIT_MANIFEST_PATH": "split_manifest.json",
+    }
+    for name, file_name in defaults.items():
+        values[name] = values[name] or os.path.join(values["DATA_DIR"], file_name)
+    for name in ("VALIDATION_FRACTION", "TEST_FRACTION"):
+        if not 0 <= values[name] < 1:
+            raise InputError(f"{name}={values[name]} is not a fraction; set {name} to a number from 0 to below 1")
+    if values["VALIDATION_FRACTION"] + values["TEST_FRACTION"] >= 1:
+        raise InputError("VALIDATION_FRACTION + TEST_FRACTION leave nothing to train on; keep their sum below 1")
+    return SimpleNamespace(**values)
+
+
+def env_value(name: str, default):
+    """The environment's value of `name` parsed as the type of `default`, or `default` when it is not set."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"{name}={raw!r} is not a boolean; set {name} to true or false in .env or the environment")
+    for kind, word in ((int, "a whole number"), (float, "a number")):
+        if isinstance(default, kind):
+            try:
+                return kind(raw)
+            except ValueError:
+                raise InputError(f"{name}={raw!r} is not {word}; set {name} to {word} such as {default}") from None
+    return raw
+
+
+def split_settings_of(s: SimpleNamespace) -> dict:
+    """The settings that decide the split, as the manifest records them."""
+    return {name: vars(s)[name] for name in split_settings}
+
+
+def input_bytes(path: str) -> bytes:
+    """The input file's bytes, or an error that says how to point DATA_PATH at it."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise InputError(f"{path} not found; put your question/answer CSV there or set DATA_PATH to it") from None
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}; set DATA_PATH to a readable CSV file") from None
+
+
+def utf8_bytes(raw: bytes, path: str) -> tuple[bytes, str]:
+    """The file re-encoded as UTF-8 without BOM, and how it was decoded.
+
+    UTF-8 (with or without BOM) first; whatever is not valid UTF-8 is read as cp1252, the encoding of German
+    Excel exports, byte sequence by byte sequence, so a file that mixes both (rows pasted from two sources) works.
+    """
+    if not raw.strip():
+        raise InputError(
+            f"{path} is empty; it needs a header line naming the Question and Answer columns and one row per pair"
+        )
+    if b"\x00" in raw or control_byte_share(raw[:65536]) > 0.01:
+        raise InputError(
+            f"{path} is not a text CSV (binary data or UTF-16); save it as 'CSV UTF-8' with the columns "
+            f"Question and Answer"
+        )
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        raw.decode("utf-8")
+        return raw, "utf-8"
+    except UnicodeDecodeError:
+        pass
+    fallback_at = []
+
+    def as_cp1252(error: UnicodeDecodeError) -> tuple[str, int]:
+        fallback_at.append(error.start)
+        return error.object[error.start : error.end].decode("cp1252", errors="replace"), error.end
+
+    codecs.register_error("split_data_cp1252", as_cp1252)
+    data = raw.decode("utf-8", errors="split_data_cp1252").encode("utf-8")
+    newlines = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == ord("\n"))
+    lines = np.unique(np.searchsorted(newlines, fallback_at)) + 1
+    return data, f"utf-8 with cp1252 on {len(lines):,} lines (first: line {lines[0]})"
+
+
+def control_byte_share(raw: bytes) -> float:
+    """The share of bytes that are control characters other than tab and line breaks: ~0 in text, ~12% in binary."""
+    controls = bytes(range(32)).translate(None, b"\t\n\r") + b"\x7f"
+    return (len(raw) - len(raw.translate(None, controls))) / max(len(raw), 1)
+
+
+def read_table(data: bytes, path: str) -> tuple[pd.DataFrame, str]:
+    """The CSV as text columns, `Question` and `Answer` first (found regardless of case), and its delimiter."""
+    first_line = re.split(rb"[\r\n]", data.lstrip(), maxsplit=1)[0].decode("utf-8")
+    headers = {
+        d: [name.strip().casefold() for name in next(csv.reader([first_line], delimiter=d))] for d in (",", ";", "\t")
+    }
+    delimiter = next((d for d, names in headers.items() if "question" in names and "answer" in names), None)
+    if delimiter is None:
+        names = max(headers.values(), key=len)
+        missing = " and no ".join(c for c in ("Question", "Answer") if c.casefold() not in names)
+        raise InputError(
+            f"{path} has no {missing} column (first line: {first_line[:100]!r}); name the columns "
+            f"Question and Answer in the first line, separated by ',', ';' or a tab"
+        )
+    for column in ("question", "answer"):
+        if headers[delimiter].count(column) > 1:
+            raise InputError(f"{path} has {headers[delimiter].count(column)} columns named {column!r}; keep one")
+    try:
+        frame = pd.read_csv(io.BytesIO(data), sep=delimiter, dtype=object, keep_default_na=False, encoding="utf-8")
+    except pd.errors.ParserError as error:
+        raise InputError(
+            f"{path} is not a valid CSV: {' '.join(str(error).split())}; quote fields that contain "
+            f"{delimiter!r}, quotes or line breaks"
+        ) from None
+    if frame.empty:
+        raise InputError(f"{path} has a header but no rows; add one row per question/answer pair")
+    canonical = {c: c.strip().capitalize() for c in frame.columns if c.strip().casefold() in ("question", "answer")}
+    frame = frame.rename(columns=canonical)
+    return frame[["Question", "Answer"] + [c for c in frame.columns if c not in ("Question", "Answer")]], delimiter
+
+
+def matching_column(frame: pd.DataFrame, name: str, path: str) -> str:
+    """The frame's column called `name`, regardless of case and surrounding spaces."""
+    for column in frame.columns:
+        if column.strip().casefold() == name.strip().casefold():
+            return column
+    raise InputError(
+        f"GROUP_COLUMN={name!r} but {path} has no such column (columns: {', '.join(frame.columns)}); "
+        f"set GROUP_COLUMN to one of them, or to nothing"
+    )
+
+
+def cleaned(texts: pd.Series) -> pd.Series:
+    """Unicode NFC with every run of whitespace (line breaks included) turned into one space, ends stripped."""
+    return texts.map(lambda text: " ".join(unicodedata.normalize("NFC", text).split()), na_action="ignore").fillna("")
+
+
+def scrubbed(texts: pd.Series) -> tuple[pd.Series, dict[str, int]]:
+    """The texts with e-mail addresses, IBANs and phone numbers replaced by placeholders, and how many of each."""
+    counts = {}
+    for kind, (pattern, placeholder) in pii_patterns.items():
+        results = [pattern.subn(placeholder, text) for text in texts]
+        texts = pd.Series([text for text, _ in results], index=texts.index, dtype=object)
+        counts[kind] = sum(n for _, n in results)
+    return texts, counts
+
+
+@cache
+def punctuation_pattern() -> re.Pattern:
+    """Every Unicode punctuation character (categories Pc, Pd, Ps, Pe, Pi, Pf, Po)."""
+    characters = (chr(c) for c in range(sys.maxunicode + 1))
+    return re.compile("[" + "".join(re.escape(c) for c in characters if unicodedata.category(c)[0] == "P") + "]")
+
+
+def normalised_question(question: str) -> str:
+    """The question as near-duplicates share it: case-folded, punctuation removed, whitespace collapsed."""
+    key = " ".join(punctuation_pattern().sub("", question.casefold()).split())
+    return key or question.casefold()
+
+
+def group_ids(question_keys: pd.Series, answers: pd.Series, group_values: pd.Series | None) -> np.ndarray:
+    """Each row's group: connected components of rows linked by normalised question, answer or group value."""
+    question_codes, questions = pd.factorize(question_keys)
+    answer_codes, answer_texts = pd.factorize(answers)
+    sources, targets = [question_codes], [len(questions) + answer_codes]
+    nodes = len(questions) + len(answer_texts)
+    if group_values is not None:
+        group_codes, values = pd.factorize(group_values.where(group_values != ""))
+        has_group = group_codes >= 0
+        sources.append(question_codes[has_group])
+        targets.append(nodes + group_codes[has_group])
+        nodes += len(values)
+    sources, targets = np.concatenate(sources), np.concatenate(targets)
+    graph = coo_matrix((np.ones(len(sources), dtype=np.int8), (sources, targets)), shape=(nodes, nodes))
+    _, components = connected_components(graph, directed=False)
+    return pd.factorize(components[question_codes])[0]
+
+
+def verified_previous_manifest(manifest_path: str, outputs: dict[str, str]) -> dict | None:
+    """The previous run's manifest, once every split file it records is checked to be unchanged on disk."""
+    if not os.path.exists(manifest_path):
+        for path in outputs.values():
+            if os.path.exists(path):
+                raise InputError(
+                    f"{path} exists but {manifest_path} does not, so split_data.py cannot tell which rows "
+                    f"it already split; move the existing split files away to split from scratch"
+                )
+        return None
+    try:
+        with open(manifest_path, encoding="utf-8") as file:
+            manifest = json.load(file)
+        recorded = {name: manifest["outputs"][name]["sha256"] for name in split_names}
+        if "sha256" not in manifest["input"] or not isinstance(manifest["settings"], dict):
+            raise KeyError("input sha256 or settings")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"cannot read {manifest_path} ({error!r}); restore it, or delete it and the three split files "
+            f"to split from scratch"
+        ) from None
+    for name, path in outputs.items():
+        how = "is missing" if not os.path.exists(path) else "was changed" if file_sha256(path) != recorded[name] else ""
+        if how:
+            raise InputError(
+                f"{path} {how} since split_data.py wrote it (see {manifest_path}); restore it (e.g. git checkout "
+                f"{path}), or delete the three split files and the manifest to split from scratch"
+            )
+    return manifest
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def previous_splits(frame: pd.DataFrame, outputs: dict[str, str]) -> np.ndarray:
+    """Each row's split in the previous run (0 train, 1 validation, 2 test), NaN for rows it did not have."""
+    previous = pd.concat(
+        pd.read_csv(outputs[name], usecols=["Question", "Answer"], dtype=object, keep_default_na=False).assign(split=i)
+        for i, name in enumerate(split_names)
+    ).drop_duplicates(["Question", "Answer"])
+    matched = frame[["Question", "Answer"]].merge(previous, on=["Question", "Answer"], how="left")
+    return matched["split"].to_numpy(dtype=float)
+
+
+def assigned_splits(
+    group: np.ndarray, previous: np.ndarray, question_keys: np.ndarray, s: SimpleNamespace
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's split (0 train, 1 validation, 2 test; NaN if held out), and which new rows are held out.
+
+    A row that was split before keeps its split. A new row joins the split of its group's earlier rows; if those
+    are in different splits, the new row is what links them, so it is held out and the group does not leak.
+    Wholly new groups are ordered by sha256(SEED, the group's smallest normalised question) and laid end to end:
+    the first go to test until test holds TEST_FRACTION of all rows, the next to validation, the rest to train.
+    """
+    by_group = pd.Series(previous).groupby(group)
+    lowest, highest = by_group.transform("min").to_numpy(), by_group.transform("max").to_numpy()
+    split = np.where(np.isnan(previous), lowest, previous)
+    bridging = np.isnan(previous) & (highest > lowest)
+    split[bridging] = np.nan
+
+    new = np.isnan(lowest)
+    new_groups = pd.Series(question_keys[new]).groupby(group[new]).agg(["min", "size"])
+    hashes = [hashlib.sha256(f"{s.SEED}\x1f{key}".encode()).digest()[:8] for key in new_groups["min"]]
+    order = np.argsort(np.array([int.from_bytes(h, "big") for h in hashes], dtype=np.uint64), kind="stable")
+    sizes = new_groups["size"].to_numpy()[order]
+    already = np.bincount(split[~np.isnan(split)].astype(int), minlength=3)
+    total = already.sum() + sizes.sum()
+    test_need = max(0.0, s.TEST_FRACTION * total - already[2])
+    validation_need = max(0.0, s.VALIDATION_FRACTION * total - already[1])
+    middle = np.cumsum(sizes) - sizes / 2  # a group goes where its middle row falls
+    group_split = np.where(middle < test_need, 2, np.where(middle < test_need + validation_need, 1, 0))
+    split[new] = pd.Series(group_split, index=new_groups.index[order]).reindex(group[new]).to_numpy()
+    return split, bridging
+
+
+def history(previous: dict | None, input_sha256: str, s: SimpleNamespace, counts: dict) -> list[dict]:
+    """The previous manifest's history plus what changed since it: input, settings and rows."""
+    if not previous:
+        return []
+    settings_now = split_settings_of(s)
+    change = {
+        "previous_input_sha256": previous["input"]["sha256"],
+        "input_changed": previous["input"]["sha256"] != input_sha256,
+        "settings_changed": {
+            n: [previous["settings"].get(n), v] for n, v in settings_now.items() if previous["settings"].get(n) != v
+        },
+        "rows_kept": counts["kept_previous_split"],
+        "rows_added": counts["new_rows"] - counts["held_out_bridging"],
+        "rows_removed": sum(o["rows"] for o in previous["outputs"].values()) - counts["kept_previous_split"],
+        "rows_held_out": counts["held_out_bridging"],
+    }
+    return previous.get("history", []) + [change]
+
+
+def write_atomically(files: dict[str, bytes]) -> None:
+    """Write every file to a temporary file beside it, then rename them all into place, in the given order."""
+    temporary = {path: os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp") for path in files}
+    for path, content in files.items():
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(temporary[path], "wb") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            for written in temporary.values():
+                with contextlib.suppress(OSError):
+                    os.remove(written)
+            raise InputError(
+                f"cannot write {path}: {error.strerror}; make its folder writable and free some space (the previous "
+                f"files are unchanged)"
+            ) from None
+    # Renames within one folder are atomic and near-instant: only here could a crash leave a mix of old and new.
+    for path in files:
+        os.replace(temporary[path], path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

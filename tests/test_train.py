@@ -1,0 +1,361 @@
+"""train.py: end to end on the tiny model, resume after kill -9, LoRA, tracking, torchrun, and bad input."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_script, small_qa_frame
+
+
+def load_train():
+    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_train()
+
+
+FAST = {"OMP_NUM_THREADS": "1"}  # a 2-layer model trains faster on one thread than on two shared cores
+
+
+def write_splits(folder: Path, manifest: bool = True) -> Path:
+    """Split CSVs in the contract format, written directly (not by split_data.py): 2 of the 12 answers validate."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    frame = small_qa_frame()
+    answers = list(dict.fromkeys(frame["Answer"]))
+    in_validation = frame["Answer"].isin({answers[4], answers[10]})
+    frame[~in_validation].to_csv(data / "qa_training_set.csv", index=False)
+    frame[in_validation].to_csv(data / "qa_validation_set.csv", index=False)
+    if manifest:
+        outputs = {"test": {"path": "data/qa_test_set.csv", "sha256": "ab" * 32, "rows": 0}}
+        (data / "split_manifest.json").write_text(json.dumps({"outputs": outputs}))
+    return data
+
+
+def stdout_lines(result) -> list[str]:
+    return result.stdout.splitlines()
+
+
+def final_step(output: Path) -> int:
+    return json.loads((output / "final" / "lineage.json").read_text())["training"]["global_step"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """One ordinary run: 40 training pairs, batch 4 -> 10 steps per epoch, 2 epochs, evaluated every 10 steps."""
+    folder = tmp_path_factory.mktemp("e2e")
+    write_splits(folder)
+    # .env sets two values; the real environment overrides one of them.
+    (folder / ".env").write_text("SEED=7\nNUM_TRAIN_EPOCHS=5\n")
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "2", **FAST}
+    result = run_script("train.py", folder, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, result
+
+
+def test_end_to_end_writes_final_model_lineage_and_curve(trained):
+    folder, result = trained
+    lines = stdout_lines(result)
+    assert lines.count(train.CPU_LINE) == 1
+    assert "final model saved to output/final" in lines
+    assert "  SEED = 7" in lines  # from .env
+    assert "  NUM_TRAIN_EPOCHS = 2" in lines  # the environment wins over .env
+    assert any(line.startswith("EVAL_STEPS=500 is more than the 10 steps of one epoch") for line in lines)
+    assert "tracking: none" in result.stdout
+
+    final = folder / "output" / "final"
+    lineage = json.loads((final / "lineage.json").read_text())
+    assert lineage["base_model"]["name"].endswith("model")
+    assert lineage["data"]["train"]["rows"] == 40 and lineage["data"]["validation"]["rows"] == 8
+    assert lineage["data"]["train"]["sha256"] == train.sha256(folder / "data" / "qa_training_set.csv")
+    assert lineage["data"]["test_sha256"] == "ab" * 32
+    assert lineage["data"]["split_manifest"]["sha256"] == train.sha256(folder / "data" / "split_manifest.json")
+    assert lineage["device"] == "cpu" and lineage["precision"] == "fp32" and lineage["lora"] is False
+    assert lineage["settings"]["BATCH_SIZE"] == 4 and lineage["training"]["global_step"] == 20
+    assert 0 <= lineage["validation"]["validation_cosine_ndcg@10"] <= 1
+    assert lineage["best_checkpoint"].startswith("output/checkpoints/checkpoint-")
+    assert lineage["evaluations"] == []
+    assert (final / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sentence-transformers" in (final / "README.md").read_text()  # the library's model card is kept
+    assert not (folder / "wandb").exists()  # tracking off: wandb never started
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(final))
+    assert model.prompts == {"query": "query: ", "document": "passage: "}
+    assert model.encode_query(["How do I reset my password?"]).shape == (1, 32)
+
+
+def test_settings_parse_by_type_and_reject_bad_values(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("BATCH_SIZE", "7")
+    monkeypatch.setenv("USE_LORA", "yes")
+    monkeypatch.setenv("LEARNING_RATE", "1e-4")
+    monkeypatch.setenv("DATA_DIR", "mydata")
+    s = train.settings()
+    assert (s.BATCH_SIZE, s.USE_LORA, s.LEARNING_RATE) == (7, True, 1e-4)
+    assert Path(s.TRAIN_PATH) == Path("mydata") / "qa_training_set.csv"
+    monkeypatch.setenv("BATCH_SIZE", "seven")
+    with pytest.raises(train.InputError, match="BATCH_SIZE='seven' is not a whole number"):
+        train.settings()
+    monkeypatch.setenv("BATCH_SIZE", "7")
+    monkeypatch.setenv("RESUME", "maybe")
+    with pytest.raises(train.InputError, match="RESUME"):
+        train.settings()
+
+
+def popen_train(cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}, **env)
+    return subprocess.Popen([sys.executable, str(REPO / "train.py")], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kill_and_resume_reaches_the_same_step_and_weights(tiny_model, tmp_path):
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "6", **FAST}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    write_splits(whole)
+    write_splits(killed)
+    assert run_script("train.py", whole, env).returncode == 0
+
+    process = popen_train(killed, env)
+    checkpoints = killed / "output" / "checkpoints"
+    while process.poll() is None and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (killed / "output" / "final").exists()
+    # Simulate a kill in the middle of writing the next checkpoint: weights there, trainer state not yet.
+    last = max(checkpoints.glob("checkpoint-*"), key=train.checkpoint_step)
+    half = checkpoints / f"checkpoint-{train.checkpoint_step(last) + 10}"
+    shutil.copytree(last, half)
+    (half / "trainer_state.json").unlink()
+
+    result = run_script("train.py", killed, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {last}".replace(str(killed) + "/", "") in result.stdout
+    assert f"skipping {half.name}: trainer_state.json missing or empty" in result.stdout
+    assert final_step(killed / "output") == final_step(whole / "output") == 60
+    steps = [json.loads(p.read_text())["global_step"] for p in checkpoints.glob("checkpoint-*/trainer_state.json")]
+    assert max(steps) == 60
+
+    from sentence_transformers import SentenceTransformer
+
+    texts = list(small_qa_frame()["Question"][:8])
+    resumed = SentenceTransformer(str(killed / "output" / "final")).encode(texts)
+    uninterrupted = SentenceTransformer(str(whole / "output" / "final")).encode(texts)
+    assert abs(resumed - uninterrupted).max() < 1e-5
+
+
+@pytest.fixture
+def checkpoint_copy(trained, tmp_path) -> Path:
+    """A complete checkpoint of the module's run, copied into a fresh checkpoints folder."""
+    folder, _ = trained
+    source = max((folder / "output" / "checkpoints").glob("checkpoint-*"), key=train.checkpoint_step)
+    target = tmp_path / "output" / "checkpoints" / source.name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_complete_checkpoint_is_accepted(checkpoint_copy):
+    assert train.checkpoint_problem(checkpoint_copy, world_size=1) is None
+    assert train.last_complete_checkpoint(checkpoint_copy.parent, world_size=1) == checkpoint_copy
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
+        (lambda c: (c / "model.safetensors").write_bytes(b"\x00garbage" * 10), "unreadable file"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "unreadable file"),
+        (lambda c: (c / "trainer_state.json").write_text('{"global_st'), "unreadable file"),
+        (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth missing"),
+    ],
+)
+def test_damaged_checkpoint_is_skipped_and_moved_aside(checkpoint_copy, damage, problem):
+    damage(checkpoint_copy)
+    assert problem in train.checkpoint_problem(checkpoint_copy, world_size=1)
+    checkpoints = checkpoint_copy.parent
+    fingerprint = {"settings": {}}
+    train.write_json_atomic(checkpoints / "run.json", {"fingerprint": fingerprint, "finished_at": None})
+    lines = train.prepare_checkpoints(checkpoints, fingerprint, resume=True, world_size=1)
+    assert len(lines) == 1 and lines[0].startswith(f"skipping {checkpoint_copy.name}: ")
+    assert not checkpoint_copy.exists()
+    assert list(checkpoints.parent.glob(f"incomplete-{checkpoint_copy.name}-*"))  # moved, not deleted
+    assert train.last_complete_checkpoint(checkpoints, world_size=1) is None
+
+
+@pytest.mark.parametrize(
+    ("run", "resume", "reason"),
+    [
+        ({"fingerprint": {"settings": {"BATCH_SIZE": 8}}, "finished_at": None}, True, "changed: BATCH_SIZE"),
+        ({"fingerprint": {"settings": {"BATCH_SIZE": 4}}, "finished_at": None}, False, "RESUME=False"),
+        ({"fingerprint": {"settings": {"BATCH_SIZE": 4}}, "finished_at": "2026-01-01T00:00:00Z"}, True, "finished"),
+        (None, True, "run.json is missing"),
+    ],
+)
+def test_checkpoints_of_another_run_are_moved_aside(tmp_path, run, resume, reason):
+    checkpoints = tmp_path / "output" / "checkpoints"
+    (checkpoints / "checkpoint-10").mkdir(parents=True)
+    if run:
+        train.write_json_atomic(checkpoints / "run.json", run)
+    fingerprint = {"settings": {"BATCH_SIZE": 4}}
+    lines = train.prepare_checkpoints(checkpoints, fingerprint, resume=resume, world_size=1)
+    assert len(lines) == 1 and lines[0].startswith("starting a new run:") and reason in lines[0]
+    aside = list((tmp_path / "output").glob("checkpoints-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint-10").is_dir()
+    assert json.loads((checkpoints / "run.json").read_text())["fingerprint"] == fingerprint
+    assert not list(checkpoints.glob("checkpoint-*"))
+
+
+def test_matching_unfinished_run_resumes(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    fingerprint = {"settings": {"BATCH_SIZE": 4}}
+    train.write_json_atomic(checkpoints / "run.json", {"fingerprint": fingerprint, "finished_at": None})
+    assert train.prepare_checkpoints(checkpoints, fingerprint, resume=True, world_size=1) == []
+    assert not list(tmp_path.glob("checkpoints-*"))
+
+
+def test_save_final_keeps_the_earlier_final_even_when_a_save_fails(trained, tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    folder, _ = trained
+    model = SentenceTransformer(str(folder / "output" / "final"))
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_validation_cosine_ndcg@10": 0.5}]
+    first = train.save_final(model, tmp_path, {"finished_at": "2026-11-22T04:15:00Z"}, history, merge_lora=False)
+    assert first == tmp_path / "final" and (first / "training_curve.png").exists()
+
+    def broken_save(path):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save", broken_save)
+    with pytest.raises(OSError):
+        train.save_final(model, tmp_path, {"finished_at": "2026-11-22T05:00:00Z"}, history, merge_lora=False)
+    assert json.loads((first / "lineage.json").read_text())["finished_at"] == "2026-11-22T04:15:00Z"
+    monkeypatch.undo()
+
+    train.save_final(model, tmp_path, {"finished_at": "2026-11-22T05:00:00Z"}, history, merge_lora=False)
+    earlier = tmp_path / "final-20261122T041500Z"
+    assert json.loads((earlier / "lineage.json").read_text())["finished_at"] == "2026-11-22T04:15:00Z"
+    assert json.loads((first / "lineage.json").read_text())["finished_at"] == "2026-11-22T05:00:00Z"
+    SentenceTransformer(str(earlier))  # still a loadable model
+
+
+def test_lora_adapter_is_small_loads_and_merged_model_matches(tiny_model, tmp_path):
+    write_splits(tmp_path, manifest=False)
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", "USE_LORA": "1",
+           "MERGE_LORA": "1", **FAST}
+    result = run_script("train.py", tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: no split manifest at data/split_manifest.json" in result.stdout
+    final = tmp_path / "output" / "final"
+    assert not (final / "model.safetensors").exists()
+    adapter_size = (final / "adapter_model.safetensors").stat().st_size
+    assert adapter_size < (tiny_model / "model.safetensors").stat().st_size / 4
+    lineage = json.loads((final / "lineage.json").read_text())
+    assert lineage["lora"] is True and lineage["data"]["split_manifest"]["sha256"] is None
+    assert (final / "README.md").exists() and (final / "merged" / "README.md").exists()
+    assert json.loads((final / "merged" / "lineage.json").read_text())["merged_from_lora"] is True
+
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["How do I reset my password?", "Wer genehmigt meine Reisekosten?"]
+    adapter_model = SentenceTransformer(str(final))  # how eval.py loads it: base from adapter_config.json
+    merged = SentenceTransformer(str(final / "merged"))
+    base = SentenceTransformer(str(tiny_model))
+    adapter_embeddings = adapter_model.encode_query(texts)
+    assert abs(adapter_embeddings - merged.encode_query(texts)).max() < 1e-5
+    assert abs(adapter_embeddings - base.encode(texts, prompt="query: ")).max() > 1e-5  # the adapter did train
+
+
+def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
+    write_splits(tmp_path)
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "8", "NUM_TRAIN_EPOCHS": "1", "MINE_HARD_NEGATIVES": "1",
+           "CACHED_MINI_BATCH_SIZE": "2", "HARD_NEGATIVE_MARGIN": "0", "HARD_NEGATIVE_MAX_SCORE": "1.0",
+           "WANDB_MODE": "offline", "WANDB_PROJECT": "train-test", **FAST}
+    result = run_script("train.py", tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mined = re.search(r"^hard negatives: (\d+) \(anchor, positive, negative\) rows from 40 pairs", result.stdout, re.M)
+    assert mined and 0 < int(mined.group(1)) <= 40
+    assert "tracking: wandb" in result.stdout
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    lineage = json.loads((tmp_path / "output" / "final" / "lineage.json").read_text())
+    assert lineage["settings"]["CACHED_MINI_BATCH_SIZE"] == 2 and lineage["training"]["tracking"] == "wandb"
+
+
+def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
+    write_splits(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MODEL_NAME": str(tiny_model),
+                "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "2", "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 40 pairs in batches of 4 = 10 batches per epoch, shared by 2 ranks: 5 steps per epoch, not 10.
+    assert "rank 0 of 2: finished training at step 10" in result.stdout
+    assert "rank 1 of 2: finished training at step 10" in result.stdout
+    assert result.stdout.count("final model saved to") == 1
+    output = tmp_path / "output"
+    assert [p.name for p in output.iterdir() if p.name.startswith("final")] == ["final"]
+    assert final_step(output) == 10
+    checkpoint = max((output / "checkpoints").glob("checkpoint-*"), key=train.checkpoint_step)
+    assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
+
+
+def test_missing_split_is_a_one_line_error(tmp_path):
+    result = run_script("train.py", tmp_path, {"MODEL_NAME": "unused"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: training split '{Path('data') / 'qa_training_set.csv'}' not found; run `python split_data.py` "
+        "first or set TRAIN_PATH in .env"
+    ]
+
+
+def test_split_without_answer_column_or_with_empty_cells_is_rejected(tmp_path):
+    path = tmp_path / "split.csv"
+    pd.DataFrame({"Question": ["q"], "Reply": ["a"]}).to_csv(path, index=False)
+    with pytest.raises(train.InputError, match="has no Answer column"):
+        train.read_split(path, "training")
+    pd.DataFrame({"Question": ["q1", "q2"], "Answer": ["a", "  "]}).to_csv(path, index=False)
+    with pytest.raises(train.InputError, match="row 3 has an empty Question or Answer"):
+        train.read_split(path, "training")
+    path.write_bytes(b"Question,Answer\n\xff\xfe\x00binary,\x80\n")
+    with pytest.raises(train.InputError, match="is not a UTF-8 CSV"):
+        train.read_split(path, "validation")
+
+
+def test_unloadable_model_and_unwritable_output_are_input_errors(tmp_path):
+    with pytest.raises(train.InputError, match="cannot load model '/no/such/model': no such folder; set MODEL_NAME"):
+        train.load_model("/no/such/model")
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(train.InputError, match="set OUTPUT_DIR in .env to a writable folder"):
+        train.check_writable(tmp_path / "a_file" / "output")
+
+
+def test_grouped_evaluator_gives_one_document_per_distinct_answer():
+    pairs = pd.DataFrame({"Question": ["q1", "q1", "q2", "q3"], "Answer": ["a", "b", "a", "c"]})
+    evaluator = train.grouped_ir_evaluator(pairs, pd.Series(["a", "b", "c", "a", "d"]), "validation", "query: ", "")
+    assert sorted(evaluator.corpus) == ["a", "b", "c", "d"]
+    assert sorted(evaluator.queries) == ["q1", "q2", "q3"]
+    relevant = {evaluator.queries[evaluator.queries_ids.index(q)]: docs for q, docs in evaluator.relevant_docs.items()}
+    corpus_text = dict(zip(evaluator.corpus_ids, evaluator.corpus, strict=True))
+    assert {q: {corpus_text[d] for d in docs} for q, docs in relevant.items()} == {
+        "q1": {"a", "b"}, "q2": {"a"}, "q3": {"c"}}
+    assert evaluator.query_prompt == "query: " and evaluator.corpus_prompt is None

@@ -1,0 +1,649 @@
+"""Fine-tune an embedding model on question/answer pairs: `python train.py` (after `python split_data.py`).
+
+Reads DATA_DIR/qa_training_set.csv and qa_validation_set.csv (columns Question, Answer), trains with in-batch
+negatives (MultipleNegativesRankingLoss), keeps the checkpoint with the best validation NDCG@10 and saves it to
+OUTPUT_DIR/final with a lineage.json and a training-curve PNG. A killed run resumes from its last complete checkpoint.
+Multi-GPU: `torchrun --nproc_per_node=N train.py`.
+"""
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+from dotenv import load_dotenv
+
+# --- Settings: edit here, or override any of them by name in .env or the environment ---
+DATA_DIR = "data"
+TRAIN_PATH = ""  # "" = DATA_DIR/qa_training_set.csv
+VALIDATION_PATH = ""  # "" = DATA_DIR/qa_validation_set.csv
+SPLIT_MANIFEST_PATH = ""  # "" = DATA_DIR/split_manifest.json (only read for lineage.json)
+OUTPUT_DIR = "output"  # checkpoints/ and final/ go here
+MODEL_NAME = "intfloat/multilingual-e5-base"  # hub id or local model folder
+QUERY_PROMPT = "query: "  # E5's prefixes; set both to "" for models trained without prompts
+PASSAGE_PROMPT = "passage: "
+NUM_TRAIN_EPOCHS = 3
+MAX_STEPS = 0  # optimizer-step budget (benchmarks compare runs at equal steps); 0 = train NUM_TRAIN_EPOCHS
+BATCH_SIZE = 24  # per device; every other answer in a batch is a negative, so bigger batches train harder
+LEARNING_RATE = 2e-5
+WEIGHT_DECAY = 0.01
+WARMUP_RATIO = 0.1  # fraction of all steps with a rising learning rate
+EVAL_STEPS = 500  # evaluate and checkpoint every N steps (at least once per epoch)
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the best one is always kept on top
+EARLY_STOPPING_PATIENCE = 0  # stop after N evaluations without a better validation NDCG@10; 0 = off
+SEED = 42
+FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
+NO_DUPLICATE_BATCHES = True  # no text twice in a batch: a duplicate answer would be a false negative
+RESUME = True  # continue a killed run from its last complete checkpoint; False = start fresh
+MINE_HARD_NEGATIVES = False  # add one mined hard negative per pair (base model, before training)
+HARD_NEGATIVE_MARGIN = 0.05  # a negative must score at least 5% below the positive (else likely a true answer)
+HARD_NEGATIVE_MAX_SCORE = 0.95  # ... and below this cosine similarity to the question
+CACHED_MINI_BATCH_SIZE = 0  # > 0: CachedMultipleNegativesRankingLoss (big BATCH_SIZE, small memory); 0 = plain MNRL
+USE_LORA = False  # train a small LoRA adapter instead of all weights
+LORA_RANK = 16
+LORA_ALPHA = 32
+LORA_LEARNING_RATE = 1e-4  # replaces LEARNING_RATE for LoRA: few fresh weights need bigger steps
+MERGE_LORA = False  # also export the adapter merged into a full model, to OUTPUT_DIR/final/merged
+
+PRIMARY_METRIC = "validation_cosine_ndcg@10"
+# Settings that change nothing about the optimisation itself: a run may resume when only these differ.
+NOT_IN_RUN_FINGERPRINT = {
+    "RESUME",
+    "MERGE_LORA",
+    "SAVE_TOTAL_LIMIT",
+    "DATA_DIR",
+    "TRAIN_PATH",
+    "VALIDATION_PATH",
+    "SPLIT_MANIFEST_PATH",
+    "OUTPUT_DIR",
+}
+CPU_LINE = "No CUDA GPU found: training in fp32 on the CPU (fp16 needs CUDA)."
+
+
+class InputError(Exception):
+    """Bad input the user can fix: printed as one `error:` line, exit code 2."""
+
+
+def main() -> None:
+    # 1. Settings, device and precision
+    s = settings()
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = rank == 0
+    started_at = now()
+    if is_main:
+        print("settings:")
+        for name, value in vars(s).items():
+            print(f"  {name} = {value}")
+    import torch  # after the settings, so that a typo in .env is reported before the slow imports
+
+    cuda = torch.cuda.is_available()
+    fp16 = s.FP16 and cuda
+    if is_main and not cuda:
+        print(CPU_LINE)
+    output_dir, checkpoints_dir = Path(s.OUTPUT_DIR), Path(s.OUTPUT_DIR) / "checkpoints"
+    if is_main:
+        check_writable(output_dir)
+
+    # 2. Data: the training and validation splits (the test split stays unopened for eval.py)
+    train = read_split(Path(s.TRAIN_PATH), "training")
+    validation = read_split(Path(s.VALIDATION_PATH), "validation")
+    manifest_path = Path(s.SPLIT_MANIFEST_PATH)
+    manifest = read_manifest(manifest_path)
+    if is_main:
+        print(
+            f"training pairs: {len(train)} from {s.TRAIN_PATH}; validation pairs: {len(validation)} from "
+            f"{s.VALIDATION_PATH}"
+        )
+        if manifest is None:
+            print(f"warning: no split manifest at {manifest_path}; lineage.json records the split as unknown (null)")
+
+    # 3. Model, with the prompts it will carry into encode_query / encode_document
+    from datasets import Dataset
+
+    model = load_model(s.MODEL_NAME)
+    model.prompts = {key: p for key, p in (("query", s.QUERY_PROMPT), ("document", s.PASSAGE_PROMPT)) if p}
+    train_dataset = Dataset.from_dict({"anchor": list(train["Question"]), "positive": list(train["Answer"])})
+    if s.MINE_HARD_NEGATIVES:
+        train_dataset = mined_triplets(train_dataset, model, s, verbose=is_main)
+    if s.USE_LORA:
+        from peft import LoraConfig, TaskType
+
+        model.add_adapter(
+            LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=s.LORA_RANK, lora_alpha=s.LORA_ALPHA, lora_dropout=0.1)
+        )
+
+    # 4. Loss and validation evaluator
+    from sentence_transformers.sentence_transformer import losses
+
+    # gather_across_devices: under torchrun every question also sees the answers of the other GPUs' batches.
+    if s.CACHED_MINI_BATCH_SIZE > 0:
+        loss = losses.CachedMultipleNegativesRankingLoss(
+            model, mini_batch_size=s.CACHED_MINI_BATCH_SIZE, gather_across_devices=world_size > 1
+        )
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=world_size > 1)
+    corpus_answers = pd.concat([train["Answer"], validation["Answer"]])
+    evaluator = grouped_ir_evaluator(validation, corpus_answers, "validation", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
+
+    # 5. Steps: evaluate (and checkpoint) at least once per epoch, even when an epoch is shorter than EVAL_STEPS
+    steps_per_epoch = math.ceil(math.ceil(len(train_dataset) / s.BATCH_SIZE) / world_size)
+    total_steps = s.MAX_STEPS or steps_per_epoch * s.NUM_TRAIN_EPOCHS
+    eval_steps = min(s.EVAL_STEPS, steps_per_epoch, total_steps)
+    if is_main and eval_steps != s.EVAL_STEPS:
+        print(
+            f"EVAL_STEPS={s.EVAL_STEPS} is more than the {min(steps_per_epoch, total_steps)} steps of "
+            f"{'one epoch' if steps_per_epoch <= total_steps else 'the run'}: evaluating and saving every "
+            f"{eval_steps} steps instead"
+        )
+
+    # 6. Training arguments
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+
+    tracking = "wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline" else "none"
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints_dir),
+        num_train_epochs=s.NUM_TRAIN_EPOCHS,
+        max_steps=s.MAX_STEPS or -1,
+        per_device_train_batch_size=s.BATCH_SIZE,
+        per_device_eval_batch_size=s.BATCH_SIZE,
+        learning_rate=s.LORA_LEARNING_RATE if s.USE_LORA else s.LEARNING_RATE,
+        weight_decay=s.WEIGHT_DECAY,
+        warmup_steps=s.WARMUP_RATIO,  # a float below 1 is a fraction of all steps (transformers 5)
+        fp16=fp16,
+        use_cpu=not cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
+        ddp_backend="gloo" if world_size > 1 and not cuda else None,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if s.NO_DUPLICATE_BATCHES else BatchSamplers.BATCH_SAMPLER,
+        prompts=training_prompts(s.QUERY_PROMPT, s.PASSAGE_PROMPT, train_dataset.column_names),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=s.SAVE_TOTAL_LIMIT,
+        load_best_model_at_end=True,
+        metric_for_best_model=f"eval_{PRIMARY_METRIC}",
+        greater_is_better=True,
+        logging_steps=max(1, eval_steps // 5),
+        seed=s.SEED,
+        report_to=tracking,
+        run_name=f"{Path(s.MODEL_NAME).name}-{started_at}",
+    )
+
+    # 7. Resume or start fresh; the main process arranges the checkpoint folder first, the others then read it
+    fingerprint = run_fingerprint(s, world_size)
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        if is_main:
+            for line in prepare_checkpoints(checkpoints_dir, fingerprint, s.RESUME, world_size):
+                print(line)
+        resume_from = last_complete_checkpoint(checkpoints_dir, world_size)
+
+    # 8. Train
+    from sentence_transformers import SentenceTransformerTrainer
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [EarlyStoppingCallback(s.EARLY_STOPPING_PATIENCE)] if s.EARLY_STOPPING_PATIENCE > 0 else []
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
+    )
+    if is_main:
+        print(
+            f"training {total_steps} steps on {world_size} process(es), {'fp16' if fp16 else 'fp32'}, "
+            f"tracking: {tracking}" + (f", resuming from {resume_from}" if resume_from else "")
+        )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    print(f"rank {rank} of {world_size}: finished training at step {trainer.state.global_step}")
+    if not is_main:
+        return
+
+    # 9. Save the best model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
+    best = trainer.state.best_model_checkpoint
+    lineage = {
+        "base_model": {
+            "name": s.MODEL_NAME,
+            "revision": getattr(model.transformers_model.config, "_commit_hash", None),
+        },
+        "data": data_lineage(s, manifest, manifest_path),
+        "settings": vars(s),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "started_at": started_at,
+        "finished_at": now(),
+        "device": f"cuda:0 ({torch.cuda.get_device_name(0)})" if cuda else "cpu",
+        "precision": "fp16" if fp16 else "fp32",
+        "best_checkpoint": best,
+        "validation": best_validation_metrics(trainer.state.log_history, trainer.state.best_global_step),
+        "lora": s.USE_LORA,
+        "training": {
+            "global_step": trainer.state.global_step,
+            "world_size": world_size,
+            "train_rows": len(train_dataset),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "tracking": tracking,
+        },
+        "evaluations": [],
+    }
+    final = save_final(model, output_dir, lineage, trainer.state.log_history, merge_lora=s.USE_LORA and s.MERGE_LORA)
+    mark_finished(checkpoints_dir, final)
+    score = lineage["validation"].get(PRIMARY_METRIC)
+    print(f"best checkpoint: {best} (validation NDCG@10 = {score if score is None else round(score, 4)})")
+    print(f"final model saved to {final}")
+
+
+def settings() -> SimpleNamespace:
+    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
+    load_dotenv(".env")
+    values = {
+        name: env_value(name, value)
+        for name, value in globals().items()
+        if name.isupper() and name not in {"PRIMARY_METRIC", "NOT_IN_RUN_FINGERPRINT", "CPU_LINE"}
+    }
+    data_dir = Path(values["DATA_DIR"])
+    values["TRAIN_PATH"] = values["TRAIN_PATH"] or str(data_dir / "qa_training_set.csv")
+    values["VALIDATION_PATH"] = values["VALIDATION_PATH"] or str(data_dir / "qa_validation_set.csv")
+    values["SPLIT_MANIFEST_PATH"] = values["SPLIT_MANIFEST_PATH"] or str(data_dir / "split_manifest.json")
+    return SimpleNamespace(**values)
+
+
+def env_value(name: str, default):
+    """The environment's value for `name`, parsed by the type of its default; the default when unset."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    if isinstance(default, bool):
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise InputError(
+            f"{name}={raw!r} is not a yes/no value; set {name} to true or false in .env or the environment"
+        )
+    try:
+        return type(default)(raw)
+    except ValueError:
+        kind = {int: "a whole number", float: "a number"}.get(type(default), type(default).__name__)
+        raise InputError(f"{name}={raw!r} is not {kind}; fix {name} in .env or the environment") from None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def compact(timestamp: str) -> str:
+    """2026-11-22T04:15:00Z -> 20261122T041500Z, for folder names."""
+    return timestamp.replace("-", "").replace(":", "")
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write-test").write_text("ok")
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise InputError(
+            f"cannot write to output folder '{folder}' ({e.strerror or e}); set OUTPUT_DIR in .env to a writable folder"
+        ) from None
+
+
+def read_split(path: Path, kind: str) -> pd.DataFrame:
+    """A split CSV as Question/Answer strings; anything a user must fix raises InputError."""
+    if not path.is_file():
+        raise InputError(
+            f"{kind} split '{path}' not found; run `python split_data.py` first or set "
+            f"{'TRAIN_PATH' if kind == 'training' else 'VALIDATION_PATH'} in .env"
+        )
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{kind} split '{path}' is not a UTF-8 CSV ({reason}); rerun `python split_data.py`") from None
+    missing = [column for column in ("Question", "Answer") if column not in frame.columns]
+    if missing:
+        raise InputError(
+            f"{kind} split '{path}' has no {' or '.join(missing)} column (columns: "
+            f"{', '.join(frame.columns)}); rerun `python split_data.py`"
+        )
+    empty = frame["Question"].str.strip().eq("") | frame["Answer"].str.strip().eq("")
+    if empty.any():
+        row = int(empty.to_numpy().argmax()) + 2  # +1 for the header, +1 for counting from 1
+        raise InputError(f"{kind} split '{path}' row {row} has an empty Question or Answer; fix or drop that row")
+    if frame.empty:
+        raise InputError(f"{kind} split '{path}' has no rows; rerun `python split_data.py` on more data")
+    return frame[["Question", "Answer"]]
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def load_model(name: str):
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(name)
+    except Exception as e:
+        if Path(name).exists():
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable model folder'}"
+        elif name.startswith(("/", ".", "~")):
+            reason = "no such folder"
+        else:
+            reason = "no network or hub access"
+        raise InputError(
+            f"cannot load model '{name}': {reason}; set MODEL_NAME in .env to a local model folder"
+        ) from None
+
+
+def mined_triplets(pairs, model, s: SimpleNamespace, verbose: bool):
+    """(anchor, positive, negative) rows: for each question, the training answer the base model ranks highest among
+    the wrong ones, unless it scores so close to the right answer that it is probably another right answer."""
+    from sentence_transformers.util import mine_hard_negatives
+
+    triplets = mine_hard_negatives(
+        pairs,
+        model,
+        relative_margin=s.HARD_NEGATIVE_MARGIN,
+        max_score=s.HARD_NEGATIVE_MAX_SCORE,
+        num_negatives=1,
+        sampling_strategy="top",
+        query_prompt=s.QUERY_PROMPT or None,
+        corpus_prompt=s.PASSAGE_PROMPT or None,
+        batch_size=s.BATCH_SIZE,
+        output_format="triplet",
+        verbose=verbose,
+    )
+    if len(triplets) == 0:
+        raise InputError(
+            f"no hard negative passed HARD_NEGATIVE_MARGIN={s.HARD_NEGATIVE_MARGIN} and HARD_NEGATIVE_MAX_SCORE="
+            f"{s.HARD_NEGATIVE_MAX_SCORE} for any of the {len(pairs)} pairs; lower the margin, raise the maximum "
+            "score, or set MINE_HARD_NEGATIVES=false"
+        )
+    if verbose:
+        print(
+            f"hard negatives: {len(triplets)} (anchor, positive, negative) rows from {len(pairs)} pairs "
+            f"({len(pairs) - len(triplets)} pairs without a negative that passes the margin are left out)"
+        )
+    return triplets
+
+
+def training_prompts(query_prompt: str, passage_prompt: str, columns: list[str]) -> dict[str, str]:
+    """Column -> prompt for the trainer, which prepends it to every text of that column."""
+    prompts = {"anchor": query_prompt, "positive": passage_prompt, "negative": passage_prompt}
+    return {column: prompt for column, prompt in prompts.items() if prompt and column in columns}
+
+
+def grouped_ir_evaluator(pairs: pd.DataFrame, corpus_answers, name: str, query_prompt: str, corpus_prompt: str):
+    """One document per distinct answer text and one query per distinct question, so that an identical copy of the
+    right answer counts as a hit (eval.py builds its test evaluator the same way)."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    corpus_ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(corpus_answers))}
+    query_ids: dict[str, str] = {}
+    relevant_docs: dict[str, set[str]] = {}
+    for question, answer in zip(pairs["Question"], pairs["Answer"], strict=True):
+        query_id = query_ids.setdefault(question, f"q{len(query_ids)}")
+        relevant_docs.setdefault(query_id, set()).add(corpus_ids[answer])
+    return InformationRetrievalEvaluator(
+        queries={query_id: question for question, query_id in query_ids.items()},
+        corpus={doc_id: text for text, doc_id in corpus_ids.items()},
+        relevant_docs=relevant_docs,
+        name=name,
+        query_prompt=query_prompt or None,
+        corpus_prompt=corpus_prompt or None,
+    )
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(s: SimpleNamespace, world_size: int) -> dict:
+    """What makes two runs the same optimisation: the data, the settings that shape it, the number of processes."""
+    return {
+        "train_sha256": sha256(Path(s.TRAIN_PATH)),
+        "validation_sha256": sha256(Path(s.VALIDATION_PATH)),
+        "world_size": world_size,
+        "settings": {name: value for name, value in vars(s).items() if name not in NOT_IN_RUN_FINGERPRINT},
+    }
+
+
+def prepare_checkpoints(checkpoints_dir: Path, fingerprint: dict, resume: bool, world_size: int) -> list[str]:
+    """Leave only checkpoints this run may resume from in `checkpoints_dir`; move everything else aside (never
+    delete). Returns the lines to print about it."""
+    run_file = checkpoints_dir / "run.json"
+    checkpoints = sorted(checkpoints_dir.glob("checkpoint-*"), key=checkpoint_step)
+    previous = read_manifest(run_file)
+    reason = None
+    if not checkpoints and previous is None:
+        reason = None
+    elif not resume:
+        reason = "RESUME=False"
+    elif previous is None:
+        reason = f"{run_file} is missing or unreadable, so the checkpoints may come from other data or settings"
+    elif previous.get("finished_at"):
+        reason = f"the previous run finished ({previous['finished_at']}, final model {previous.get('final')})"
+    elif previous.get("fingerprint") != fingerprint:
+        reason = (
+            f"data or settings changed since the checkpoints were written ({fingerprint_diff(previous, fingerprint)})"
+        )
+    lines = []
+    if reason and checkpoints_dir.exists():
+        aside = move_aside(checkpoints_dir, f"checkpoints-{compact(now())}")
+        lines.append(f"starting a new run: {reason}; old checkpoints moved to {aside}")
+        previous, checkpoints = None, []
+    for checkpoint in reversed(checkpoints):  # newest first: the ones a kill may have cut short
+        problem = checkpoint_problem(checkpoint, world_size)
+        if problem is None:
+            break
+        aside = move_aside(checkpoint, f"incomplete-{checkpoint.name}-{compact(now())}", parent=checkpoints_dir.parent)
+        lines.append(f"skipping {checkpoint.name}: {problem}; moved to {aside}")
+    if previous is None:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, {"fingerprint": fingerprint, "started_at": now(), "finished_at": None})
+    return lines
+
+
+def fingerprint_diff(previous: dict, fingerprint: dict) -> str:
+    old, new = previous.get("fingerprint") or {}, fingerprint
+    changed = [key for key in ("train_sha256", "validation_sha256", "world_size") if old.get(key) != new.get(key)]
+    old_settings = old.get("settings") or {}
+    changed += [name for name, value in new["settings"].items() if old_settings.get(name) != value]
+    return "changed: " + ", ".join(changed) if changed else "unknown fingerprint format"
+
+
+def checkpoint_step(path: Path) -> int:
+    suffix = path.name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def last_complete_checkpoint(checkpoints_dir: Path, world_size: int) -> Path | None:
+    checkpoints = sorted(checkpoints_dir.glob("checkpoint-*"), key=checkpoint_step, reverse=True)
+    return next((path for path in checkpoints if checkpoint_problem(path, world_size) is None), None)
+
+
+def checkpoint_problem(checkpoint: Path, world_size: int) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, empty or unloadable), or None if it is complete.
+    The trainer writes trainer_state.json last, so a checkpoint killed mid-write lacks it or something before it."""
+    import torch
+    from safetensors import safe_open
+
+    weights = [name for name in ("model.safetensors", "adapter_model.safetensors") if (checkpoint / name).exists()]
+    if not weights:
+        return "no model weights (model.safetensors or adapter_model.safetensors)"
+    rng_files = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    needed = ["trainer_state.json", "modules.json", "optimizer.pt", "scheduler.pt", *rng_files, weights[0]]
+    for name in needed:
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{name} missing or empty"
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        json.loads((checkpoint / "modules.json").read_text())
+        with safe_open(str(checkpoint / weights[0]), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                f.get_tensor(key)
+        for name in ["optimizer.pt", "scheduler.pt", *rng_files]:
+            torch.load(checkpoint / name, map_location="cpu", weights_only=False, mmap=name == "optimizer.pt")
+    except Exception as e:
+        return f"unreadable file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})"
+    return None
+
+
+def move_aside(path: Path, name: str, parent: Path | None = None) -> Path:
+    """Rename `path` to `name` (in `parent`, default its own folder), adding a counter if that name is taken."""
+    parent = parent or path.parent
+    target, counter = parent / name, 1
+    while target.exists():
+        counter += 1
+        target = parent / f"{name}-{counter}"
+    os.replace(path, target)
+    return target
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def mark_finished(checkpoints_dir: Path, final: Path) -> None:
+    """Record that this run is done, so that the next `python train.py` starts a new run instead of resuming it."""
+    run_file = checkpoints_dir / "run.json"
+    run = read_manifest(run_file) or {}
+    write_json_atomic(run_file, {**run, "finished_at": now(), "final": str(final)})
+
+
+def data_lineage(s: SimpleNamespace, manifest: dict | None, manifest_path: Path) -> dict:
+    def file_record(path: str) -> dict:
+        return {"path": path, "sha256": sha256(Path(path)), "rows": len(pd.read_csv(path, dtype=str))}
+
+    return {
+        "split_manifest": {"path": str(manifest_path), "sha256": sha256(manifest_path) if manifest else None},
+        "train": file_record(s.TRAIN_PATH),
+        "validation": file_record(s.VALIDATION_PATH),
+        "test_sha256": ((manifest or {}).get("outputs") or {}).get("test", {}).get("sha256"),
+    }
+
+
+def versions() -> dict:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except OSError:
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def best_validation_metrics(log_history: list[dict], best_step: int | None) -> dict:
+    """The validation metrics of the evaluation the best checkpoint was chosen by, without the trainer's `eval_`."""
+    for entry in log_history:
+        if entry.get("step") == best_step and f"eval_{PRIMARY_METRIC}" in entry:
+            return {
+                key.removeprefix("eval_"): value for key, value in entry.items() if key.startswith("eval_validation_")
+            }
+    return {}
+
+
+def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], merge_lora: bool) -> Path:
+    """Write the model to a temporary folder, then swap it in as OUTPUT_DIR/final; an earlier final is renamed to
+    final-<its finished_at>, never deleted. A kill at any point leaves the earlier final readable."""
+    partial = output_dir / ".final-partial"
+    if partial.exists():
+        shutil.rmtree(partial)  # our own unfinished write from a killed run: never a usable model
+    model.save(str(partial))
+    write_json_atomic(partial / "lineage.json", lineage)
+    save_training_curve(log_history, partial / "training_curve.png")
+    if merge_lora:
+        merge_lora_into_base(model)
+        model.save(str(partial / "merged"))
+        write_json_atomic(partial / "merged" / "lineage.json", {**lineage, "lora": False, "merged_from_lora": True})
+    final = output_dir / "final"
+    if final.exists():
+        old = read_manifest(final / "lineage.json") or {}
+        stamp = old.get("finished_at") or datetime.datetime.fromtimestamp(final.stat().st_mtime, datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+        print(f"earlier final model moved to {move_aside(final, f'final-{compact(stamp)}')}")
+    os.replace(partial, final)
+    return final
+
+
+def merge_lora_into_base(model) -> None:
+    """Fold the LoRA weights into the base weights and drop the adapter layers, so the model saves as a plain full
+    model (peft's merge_and_unload, for a transformers model that holds its adapter itself)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    transformers_model = model.transformers_model
+    for name, module in list(transformers_model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(transformers_model.get_submodule(parent), child, module.get_base_layer())
+    del transformers_model.peft_config
+    transformers_model._hf_peft_config_loaded = False
+
+
+def save_training_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    scores = [
+        (entry["step"], entry[f"eval_{PRIMARY_METRIC}"]) for entry in log_history if f"eval_{PRIMARY_METRIC}" in entry
+    ]
+    figure, (loss_axis, score_axis) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
+    if losses:
+        loss_axis.plot(*zip(*losses, strict=True), marker=".")
+    loss_axis.set_ylabel("training loss")
+    if scores:
+        score_axis.plot(*zip(*scores, strict=True), marker="o", color="tab:green")
+    score_axis.set_ylabel("validation NDCG@10")
+    score_axis.set_xlabel("step")
+    figure.suptitle("Training curve")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,750 @@
+"""Score the fine-tuned model against its base model and BM25 on the test split, and gate what ships.
+
+Run from the repository root after split_data.py and train.py: `python eval.py`. It prints one line per metric,
+`<metric>: base=<x> | fine-tuned=<x> | Δ=<±x> | bm25=<x>`, overall and per language, a verdict from a paired
+bootstrap, and the gate's decision. Exit code: 0 = the gate passed, 1 = blocked (every reason printed), 2 = bad input.
+A passing model is copied into OUTPUT_DIR/registry/v<NNNN>/ and appended to OUTPUT_DIR/registry.jsonl.
+"""
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+from dotenv import load_dotenv
+
+# --- Settings: edit here, or override any of them by name in .env or the environment ---
+DATA_DIR = "data"
+TRAIN_PATH = ""  # "" -> DATA_DIR/qa_training_set.csv
+VALIDATION_PATH = ""  # "" -> DATA_DIR/qa_validation_set.csv
+TEST_PATH = ""  # "" -> DATA_DIR/qa_test_set.csv
+OUTPUT_DIR = "output"
+CHECKPOINT_PATH = ""  # "" -> OUTPUT_DIR/final, what train.py saved last
+MODEL_NAME = "intfloat/multilingual-e5-base"
+BASE_MODEL_NAME = ""  # "" -> the base model in the checkpoint's lineage.json, else MODEL_NAME
+QUERY_PROMPT = "query: "  # E5's prefixes; set both to "" for models trained without prompts
+PASSAGE_PROMPT = "passage: "
+CORPUS_SCOPE = "all"  # "all": every distinct answer of the three splits, as a production index; "test": the recipe's
+GROUP_IDENTICAL_ANSWERS = True  # False: the recipe's one corpus id per row (an identical copy of the answer is a miss)
+LANGUAGE_COLUMN = "language"  # metrics per language when the test split has this column
+BATCH_SIZE = 32
+PRIMARY_METRIC = "ndcg@10"
+MIN_IMPROVEMENT = 0.01  # the fine-tuned model must beat the base model by at least this on PRIMARY_METRIC
+MAX_LANGUAGE_DROP = 0.01  # ... and no language may lose more than this on PRIMARY_METRIC
+MAX_CONTAMINATION = 0.01  # largest fraction of test rows allowed to share a question or answer with training
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 42
+REPORT_METRICS = "ndcg@10,mrr@10,accuracy@1"  # the bar chart's panels and the per-language tables of eval_report.md
+
+
+class InputError(Exception):
+    """Bad input a user can fix: printed as one `error: ` line, exit code 2."""
+
+
+def main() -> int:
+    s = settings()
+    print("settings:")
+    for name, value in vars(s).items():
+        print(f"  {name} = {value}")
+    ensure_writable(Path(s.OUTPUT_DIR))
+
+    # 1. The checkpoint, its lineage and the base model it was trained from.
+    checkpoint = Path(s.CHECKPOINT_PATH)
+    if not checkpoint.is_dir():
+        raise InputError(f"checkpoint {checkpoint} not found; {existing_checkpoints_hint(Path(s.OUTPUT_DIR))}")
+    lineage = read_lineage(checkpoint)
+    base_name = s.BASE_MODEL_NAME or (lineage or {}).get("base_model", {}).get("name") or s.MODEL_NAME
+    print(f"checkpoint: {checkpoint}" + (" (LoRA adapter, loaded on its base)" if (lineage or {}).get("lora") else ""))
+    print(f"base model: {base_name}")
+
+    # 2. The test queries and the corpus they search, built the way train.py builds its validation evaluator.
+    test = read_split(Path(s.TEST_PATH))
+    corpus_paths = [Path(s.TRAIN_PATH), Path(s.VALIDATION_PATH), Path(s.TEST_PATH)]
+    corpus_frames = [read_split(path) for path in corpus_paths] if s.CORPUS_SCOPE == "all" else [test]
+    queries, corpus, relevant_docs, query_languages = ir_inputs(
+        test, corpus_frames, s.GROUP_IDENTICAL_ANSWERS, s.LANGUAGE_COLUMN
+    )
+    print(f"test: {len(test)} rows, {len(queries)} queries; corpus ({s.CORPUS_SCOPE}): {len(corpus)} documents")
+
+    # 3. Contamination: did the test set leak into the training data behind this checkpoint?
+    contamination = contamination_report(test, lineage, checkpoint, Path(s.TEST_PATH))
+    print_contamination(contamination)
+
+    # 4. Score base, fine-tuned and BM25 on the same queries and corpus; the same evaluator for both models.
+    evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
+    if s.PRIMARY_METRIC not in metric_names(evaluator):
+        raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
+    rankings = {
+        "base": model_rankings(evaluator, load_model(base_name, "BASE_MODEL_NAME")),
+        "finetuned": model_rankings(evaluator, load_model(str(checkpoint), "CHECKPOINT_PATH")),
+        "bm25": bm25_rankings(evaluator),
+    }
+    languages = sorted(set(query_languages.values()) - {None})
+    if not languages:
+        print(f"per language: the test split has no {s.LANGUAGE_COLUMN!r} column, so overall metrics only")
+    scopes = {"all": evaluator.queries_ids} | {
+        lang: [qid for qid in evaluator.queries_ids if query_languages[qid] == lang] for lang in languages
+    }
+    scores = {
+        scope: {system: metrics_of(evaluator, ranking, qids) for system, ranking in rankings.items()}
+        for scope, qids in scopes.items()
+    }
+
+    # 5. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric.
+    score_function = evaluator.score_function_names[0]  # the models' similarity, "cosine" for these
+    for scope, systems in scores.items():
+        prefix = "test" if scope == "all" else f"test_{scope}"
+        for metric in systems["base"]:
+            print(metric_line(f"{prefix}_{score_function}_{metric}", *(systems[k][metric] for k in rankings)))
+    bootstrap = {"metric": s.PRIMARY_METRIC} | bootstrap_report(
+        *(per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC) for k in rankings),
+        s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED,
+    )  # fmt: skip
+    print(verdict_line(s.PRIMARY_METRIC, bootstrap))
+    bm25, finetuned = scores["all"]["bm25"][s.PRIMARY_METRIC], scores["all"]["finetuned"][s.PRIMARY_METRIC]
+    if bm25 > finetuned:
+        print(f"note: BM25 beats the fine-tuned model on {s.PRIMARY_METRIC} ({bm25:.4f} vs {finetuned:.4f})")
+
+    # 6. The gate: every reason to block is printed, not just the first.
+    reasons = gate_reasons(scores, contamination, s)
+    print("gate: PASSED" if not reasons else "gate: BLOCKED")
+    for reason in reasons:
+        print(f"  - {reason}")
+
+    # 7. Keep the result: lineage (history), registry (what may ship), reports (the latest evaluation).
+    evaluated_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    report = {
+        "evaluated_at": evaluated_at,
+        "checkpoint": str(checkpoint),
+        "base_model": base_name,
+        "corpus": {"scope": s.CORPUS_SCOPE, "documents": len(corpus), "grouped": s.GROUP_IDENTICAL_ANSWERS},
+        "queries": len(evaluator.queries_ids),
+        "settings": vars(s),
+        "gate": {
+            "passed": not reasons,
+            "reasons": reasons,
+            "primary_metric": s.PRIMARY_METRIC,
+            "min_improvement": s.MIN_IMPROVEMENT,
+            "max_language_drop": s.MAX_LANGUAGE_DROP,
+            "max_contamination": s.MAX_CONTAMINATION,
+        },
+        "metrics": scores["all"],
+        "by_language": {lang: {"queries": len(scopes[lang])} | scores[lang] for lang in languages},
+        "bootstrap": bootstrap,
+        "contamination": contamination,
+        "registry": None,
+    }
+    inside_registry = Path(s.OUTPUT_DIR, "registry").resolve() in checkpoint.resolve().parents
+    if inside_registry:
+        print(f"registry: {checkpoint} is a registered version: its lineage.json and the registry stay unchanged")
+    elif lineage is None:
+        print(f"lineage: {checkpoint} has no lineage.json; this evaluation is kept in the reports only")
+    else:
+        append_evaluation(checkpoint, lineage, report)
+    if not reasons and not inside_registry:
+        report["registry"] = register(checkpoint, Path(s.OUTPUT_DIR), lineage, report)
+    write_reports(Path(s.OUTPUT_DIR), report)
+    return 0 if not reasons else 1
+
+
+def settings() -> SimpleNamespace:
+    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
+    load_dotenv(".env")
+    values = {name: env_value(name, value) for name, value in globals().items() if name.isupper()}
+    data_dir = values["DATA_DIR"]
+    values["TRAIN_PATH"] = values["TRAIN_PATH"] or os.path.join(data_dir, "qa_training_set.csv")
+    values["VALIDATION_PATH"] = values["VALIDATION_PATH"] or os.path.join(data_dir, "qa_validation_set.csv")
+    values["TEST_PATH"] = values["TEST_PATH"] or os.path.join(data_dir, "qa_test_set.csv")
+    values["CHECKPOINT_PATH"] = values["CHECKPOINT_PATH"] or os.path.join(values["OUTPUT_DIR"], "final")
+    if values["CORPUS_SCOPE"] not in ("all", "test"):
+        raise InputError(f"CORPUS_SCOPE={values['CORPUS_SCOPE']!r} is not valid; set it to 'all' or 'test'")
+    if values["BOOTSTRAP_RESAMPLES"] < 1:
+        raise InputError("BOOTSTRAP_RESAMPLES must be at least 1; set e.g. BOOTSTRAP_RESAMPLES=1000")
+    return SimpleNamespace(**values)
+
+
+def env_value(name: str, default):
+    """The environment's value for `name`, parsed by the type of the default."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"{name}={raw!r} is not a boolean; set it to true or false (1/0, yes/no, on/off)")
+    try:
+        return type(default)(raw.strip()) if isinstance(default, int | float) else raw
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise InputError(f"{name}={raw!r} is not {kind}; set it like {name}={default}") from None
+
+
+def ensure_writable(output_dir: Path) -> None:
+    """Fail before the slow part when the reports could not be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(
+            f"cannot write to OUTPUT_DIR {output_dir}: {e.strerror}; make it writable or set OUTPUT_DIR"
+        ) from None
+
+
+def existing_checkpoints_hint(output_dir: Path) -> str:
+    """Which checkpoints do exist, as the second half of the missing-checkpoint error."""
+    steps = sorted(output_dir.glob("checkpoints/checkpoint-*"), key=lambda p: (len(p.name), p.name))  # 500 < 1000
+    found = sorted(output_dir.glob("final*")) + steps
+    found += sorted(output_dir.glob("registry/v*"))
+    found = [str(path) for path in found if path.is_dir()]
+    if not found:
+        return f"no checkpoints exist under {output_dir}; run train.py first or set CHECKPOINT_PATH to a model folder"
+    return f"existing checkpoints: {', '.join(found)}; set CHECKPOINT_PATH in .env to one of them"
+
+
+def read_lineage(checkpoint: Path) -> dict | None:
+    """The lineage.json train.py wrote beside the model, or None for a model trained elsewhere."""
+    path = checkpoint / "lineage.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); restore it from the training run") from None
+
+
+def read_split(path: Path) -> pd.DataFrame:
+    """A split CSV in the contract's format: Question and Answer columns, no empty cells."""
+    if not path.is_file():
+        raise InputError(f"{path} not found; run split_data.py first or set its path (TEST_PATH, ...) in .env")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        detail = str(e).splitlines()[0]
+        raise InputError(f"{path} is not a readable UTF-8 CSV ({detail}); re-run split_data.py") from None
+    for column in ("Question", "Answer"):
+        if column not in frame.columns:
+            raise InputError(f"{path} has no {column} column (columns: {list(frame.columns)}); re-run split_data.py")
+        empty = frame.index[frame[column].str.strip() == ""]
+        if len(empty):
+            raise InputError(f"{path} row {empty[0] + 2}: empty {column}; re-run split_data.py, which drops such rows")
+    if frame.empty:
+        raise InputError(f"{path} has no rows; re-run split_data.py on more data")
+    return frame
+
+
+def ir_inputs(
+    test: pd.DataFrame, corpus_frames: list[pd.DataFrame], group: bool, language_column: str
+) -> tuple[dict, dict, dict, dict]:
+    """queries, corpus, relevant_docs for InformationRetrievalEvaluator, and each query's language.
+
+    Grouped: one corpus id per distinct answer text and one query id per distinct question text, so that the
+    identical copy of the right answer is the right answer. Ungrouped: the recipe's one id per row.
+    Ids are zero-padded so that the evaluator's tie-break (ascending id) follows corpus order.
+    """
+    has_language = language_column in test.columns
+    queries, relevant_docs, languages = {}, {}, {}
+    if group:
+        answers = pd.concat([frame["Answer"] for frame in corpus_frames]).drop_duplicates().tolist()
+        corpus = {f"d{i:07d}": answer for i, answer in enumerate(answers)}
+        answer_ids = {answer: cid for cid, answer in corpus.items()}
+        question_ids = {}
+        for row in test.to_dict("records"):
+            qid = question_ids.setdefault(row["Question"], f"q{len(question_ids):07d}")
+            queries[qid] = row["Question"]
+            relevant_docs.setdefault(qid, set()).add(answer_ids[row["Answer"]])
+            languages.setdefault(qid, (row[language_column] or None) if has_language else None)
+        return queries, corpus, relevant_docs, languages
+    corpus = {}
+    for split, frame in enumerate(corpus_frames):
+        corpus |= {f"d{split}-{i:07d}": answer for i, answer in enumerate(frame["Answer"])}
+    test_split = len(corpus_frames) - 1  # the test split is the last corpus frame in both scopes
+    for i, row in enumerate(test.to_dict("records")):
+        qid = f"q{i:07d}"
+        queries[qid] = row["Question"]
+        relevant_docs[qid] = {f"d{test_split}-{i:07d}"}
+        languages[qid] = (row[language_column] or None) if has_language else None
+    return queries, corpus, relevant_docs, languages
+
+
+def normalised(text: str) -> str:
+    """Casefolded, punctuation stripped, whitespace collapsed: 'How do I…?' == 'how do i'."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def contamination_counts(test: pd.DataFrame, train: pd.DataFrame) -> dict:
+    """How many test rows repeat a training question (exactly or normalised) or a training answer."""
+    exact = test["Question"].isin(set(train["Question"]))
+    near = test["Question"].map(normalised).isin(set(train["Question"].map(normalised)))
+    answers = test["Answer"].map(normalised).isin(set(train["Answer"].map(normalised)))
+    leaked = exact | near | answers
+    return {
+        "test_rows": len(test),
+        "exact_duplicate_questions": int(exact.sum()),
+        "normalised_duplicate_questions": int(near.sum()),
+        "shared_answers": int(answers.sum()),
+        "leaked_rows": int(leaked.sum()),
+        "leaked_fraction": float(leaked.mean()),
+    }
+
+
+def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: Path, test_path: Path) -> dict:
+    """Compare the test split with the training split recorded in the checkpoint's lineage.
+
+    Without a lineage (a model trained elsewhere) the check is skipped with a warning: our TRAIN_PATH is not what
+    that model saw, so checking it would only give false comfort.
+    """
+    if lineage is None:
+        return {"checked": False, "warnings": [f"no lineage.json in {checkpoint}: contamination check skipped"]}
+    train_info = lineage.get("data", {}).get("train", {})
+    if not train_info.get("path"):
+        raise InputError(f"{checkpoint / 'lineage.json'} has no data.train.path; restore it from the training run")
+    train_path = Path(train_info["path"])
+    if not train_path.is_file():
+        raise InputError(
+            f"training split {train_path} named in {checkpoint / 'lineage.json'} not found; restore it (split_data.py "
+            "with the same settings rewrites it) so the test set can be checked for leaks"
+        )
+    warnings = []
+    if train_info.get("sha256") and sha256_of(train_path) != train_info["sha256"]:
+        warnings.append(
+            f"{train_path} changed since this model was trained (sha256 differs from lineage.json): the check runs "
+            "on the current file, which is not the data the model saw"
+        )
+    test_sha = lineage.get("data", {}).get("test_sha256")
+    if test_sha and sha256_of(test_path) != test_sha:
+        warnings.append(f"{test_path} changed since this model was trained (sha256 differs from lineage.json)")
+    counts = contamination_counts(test, read_split(train_path))
+    return {"checked": True, "train_path": str(train_path), "warnings": warnings} | counts
+
+
+def print_contamination(contamination: dict) -> None:
+    for warning in contamination["warnings"]:
+        print(f"warning: {warning}")
+    if contamination["checked"]:
+        c = contamination
+        print(
+            f"contamination vs {c['train_path']}: {c['exact_duplicate_questions']} exact-duplicate questions, "
+            f"{c['normalised_duplicate_questions']} normalised-duplicate questions, {c['shared_answers']} shared "
+            f"answers; {c['leaked_rows']} of {c['test_rows']} test rows leaked ({c['leaked_fraction']:.1%})"
+        )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(name: str, setting: str):
+    """A SentenceTransformer, or a one-line InputError saying what to fix.
+
+    A LoRA adapter folder loads the same way: sentence-transformers finds adapter_config.json and loads the adapter
+    on the base model named there (peft is installed).
+    """
+    from sentence_transformers import SentenceTransformer
+
+    local = Path(name).exists()
+    if not local and (os.path.isabs(name) or name.startswith((".", "~"))):
+        raise InputError(f"model folder {name} not found; set {setting} in .env to an existing model folder")
+    try:
+        return SentenceTransformer(name, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1" or local)
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        adapter_config = Path(name, "adapter_config.json")
+        if adapter_config.is_file():
+            base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+            raise InputError(
+                f"cannot load LoRA adapter {name!r}: {detail}; its base model {base!r} (base_model_name_or_path in "
+                f"{adapter_config}) must be a loadable model folder or hub name"
+            ) from None
+        if local:
+            raise InputError(
+                f"cannot load model {name!r}: {detail}; the folder is incomplete or corrupt (missing or damaged "
+                f"weights?): re-run train.py or set {setting} to another model folder"
+            ) from None
+        raise InputError(
+            f"cannot load model {name!r}: no network or hub access ({detail}); set {setting} in .env to a local "
+            "model folder"
+        ) from None
+
+
+def test_evaluator(queries: dict, corpus: dict, relevant_docs: dict, query_prompt: str, passage_prompt: str,
+                   batch_size: int = 32):  # fmt: skip
+    """The library's IR evaluator, named "test" (metrics `test_cosine_ndcg@10`, ...), keeping its rankings.
+
+    The prompts are passed explicitly, even when empty: an explicit prompt replaces the one configured in the model
+    (train.py saves E5's prompts into it), so a prefix is applied exactly once and base and fine-tuned models see
+    the same inputs.
+    """
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    return InformationRetrievalEvaluator(
+        queries, corpus, relevant_docs, batch_size=batch_size, name="test", write_csv=False, write_predictions=True,
+        query_prompt=query_prompt, corpus_prompt=passage_prompt,
+    )  # fmt: skip
+
+
+def metric_names(evaluator) -> list[str]:
+    """The evaluator's metrics in its own order, e.g. accuracy@1 ... ndcg@10, map@100."""
+    return (
+        [f"accuracy@{k}" for k in evaluator.accuracy_at_k]
+        + [f"precision@{k}" for k in evaluator.precision_recall_at_k]
+        + [f"recall@{k}" for k in evaluator.precision_recall_at_k]
+        + [f"mrr@{k}" for k in evaluator.mrr_at_k]
+        + [f"ndcg@{k}" for k in evaluator.ndcg_at_k]
+        + [f"map@{k}" for k in evaluator.map_at_k]
+    )
+
+
+def model_rankings(evaluator, model) -> dict[str, list[dict]]:
+    """Each query's ranked hits ({"corpus_id", "score"}) from the library evaluator's own retrieval.
+
+    Its predictions file gives the per-query ranking the bootstrap and the per-language metrics need.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        evaluator(model, output_path=folder)
+        (predictions,) = Path(folder).glob("*_predictions_*.jsonl")
+        lines = predictions.read_text(encoding="utf-8").splitlines()
+    return {row["query_id"]: row["results"] for row in map(json.loads, lines)}
+
+
+def bm25_tokens(texts: list[str]) -> list[list[str]]:
+    """Lowercased word tokens (Unicode-aware, so umlauts and ß stay in words) without English or German stopwords."""
+    import bm25s
+    from bm25s.stopwords import STOPWORDS_EN, STOPWORDS_GERMAN
+
+    stopwords = list(STOPWORDS_EN) + list(STOPWORDS_GERMAN)
+    return bm25s.tokenize(texts, lower=True, stopwords=stopwords, return_ids=False, show_progress=False)
+
+
+def bm25_rankings(evaluator) -> dict[str, list[dict]]:
+    """BM25 over the evaluator's corpus, in the same ranked-hits shape and tie order as the evaluator's."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25_tokens(evaluator.corpus), show_progress=False)
+    top_k = max(*evaluator.accuracy_at_k, *evaluator.precision_recall_at_k, *evaluator.mrr_at_k,
+                *evaluator.ndcg_at_k, *evaluator.map_at_k)  # fmt: skip
+    rankings = {}
+    for qid, tokens in zip(evaluator.queries_ids, bm25_tokens(evaluator.queries), strict=True):
+        doc_scores = retriever.get_scores_from_ids(retriever.get_tokens_ids(tokens))
+        hits = sorted(zip(doc_scores.tolist(), evaluator.corpus_ids, strict=True), key=lambda h: (-h[0], h[1]))
+        rankings[qid] = [{"corpus_id": cid, "score": score} for score, cid in hits[:top_k]]
+    return rankings
+
+
+def metrics_of(evaluator, rankings: dict[str, list[dict]], query_ids: list[str]) -> dict[str, float]:
+    """The library's metrics (InformationRetrievalEvaluator.compute_metrics) for these queries' rankings."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    texts = dict(zip(evaluator.queries_ids, evaluator.queries, strict=True))
+    subset = InformationRetrievalEvaluator(
+        {qid: texts[qid] for qid in query_ids},
+        {},
+        evaluator.relevant_docs,
+        write_csv=False,
+        accuracy_at_k=evaluator.accuracy_at_k,
+        precision_recall_at_k=evaluator.precision_recall_at_k,
+        mrr_at_k=evaluator.mrr_at_k,
+        ndcg_at_k=evaluator.ndcg_at_k,
+        map_at_k=evaluator.map_at_k,
+    )
+    nested = subset.compute_metrics([rankings[qid] for qid in subset.queries_ids])
+    flat = {f"{name.removesuffix('@k')}@{k}": float(v) for name, values in nested.items() for k, v in values.items()}
+    return {name: flat[name] for name in metric_names(evaluator)}
+
+
+def per_query_scores(
+    rankings: dict[str, list[dict]], relevant_docs: dict[str, set], query_ids: list[str], metric: str
+) -> np.ndarray:
+    """One value of `metric` per query, defined as the library defines it (their mean is the library's number)."""
+    name, k = metric.split("@")
+    k = int(k)
+    values = []
+    for qid in query_ids:
+        relevant = relevant_docs[qid]
+        hits = [hit["corpus_id"] in relevant for hit in rankings[qid][:k]]
+        if name == "ndcg":
+            ideal = sum(1 / np.log2(i + 2) for i in range(min(len(relevant), k)))
+            values.append(sum(1 / np.log2(i + 2) for i, hit in enumerate(hits) if hit) / ideal)
+        elif name == "mrr":
+            values.append(next((1 / (i + 1) for i, hit in enumerate(hits) if hit), 0.0))
+        elif name == "accuracy":
+            values.append(float(any(hits)))
+        elif name == "precision":
+            values.append(sum(hits) / k)
+        elif name == "recall":
+            values.append(sum(hits) / len(relevant))
+        else:  # map
+            precisions = [sum(hits[: i + 1]) / (i + 1) for i, hit in enumerate(hits) if hit]
+            values.append(sum(precisions) / min(k, len(relevant)))
+    return np.array(values, dtype=float)
+
+
+def paired_bootstrap_ci(base: np.ndarray, finetuned: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """95% interval of the mean per-query delta, resampling queries with replacement (both systems together)."""
+    deltas = finetuned - base
+    rng = np.random.default_rng(seed)
+    means = [deltas[rng.integers(0, len(deltas), len(deltas))].mean() for _ in range(resamples)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_report(base: np.ndarray, finetuned: np.ndarray, bm25: np.ndarray, resamples: int, seed: int) -> dict:
+    """Delta, its interval and the verdict: improved / regressed only when the interval excludes zero."""
+    low, high = paired_bootstrap_ci(base, finetuned, resamples, seed)
+    verdict = "improved" if low > 0 else "regressed" if high < 0 else "no significant change"
+    delta = float((finetuned - base).mean())
+    return {"delta": delta, "ci_low": low, "ci_high": high, "verdict": verdict, "resamples": resamples, "seed": seed,
+            "queries": len(base)}  # fmt: skip
+
+
+def signed(value: float) -> str:
+    return f"{round(value, 4) + 0.0:+.4f}"  # + 0.0 turns -0.0 into 0.0
+
+
+def metric_line(metric: str, base: float, finetuned: float, bm25: float | None = None) -> str:
+    """The recipe's line, with BM25 as a third column."""
+    line = f"{metric}: base={base:.4f} | fine-tuned={finetuned:.4f} | Δ={signed(finetuned - base)}"
+    return line if bm25 is None else f"{line} | bm25={bm25:.4f}"
+
+
+def verdict_line(metric: str, bootstrap: dict) -> str:
+    b = bootstrap
+    return (
+        f"verdict: {b['verdict']} ({metric} Δ={signed(b['delta'])}, 95% CI [{signed(b['ci_low'])}, "
+        f"{signed(b['ci_high'])}], paired bootstrap over queries, {b['resamples']} resamples, seed {b['seed']})"
+    )
+
+
+def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace) -> list[str]:
+    """Every reason to block this model; empty means it passes."""
+    metric, reasons = s.PRIMARY_METRIC, []
+    if contamination["checked"] and contamination["leaked_fraction"] > s.MAX_CONTAMINATION:
+        c = contamination
+        reasons.append(
+            f"the test set leaked into training: {c['leaked_rows']} of {c['test_rows']} test rows "
+            f"({c['leaked_fraction']:.1%}) share a question or an answer with {c['train_path']} "
+            f"(MAX_CONTAMINATION={s.MAX_CONTAMINATION:.1%}); these scores are inflated, re-split and retrain"
+        )
+    delta = scores["all"]["finetuned"][metric] - scores["all"]["base"][metric]
+    if delta < s.MIN_IMPROVEMENT:
+        reasons.append(f"no gain: {metric} Δ={signed(delta)} over the base model, MIN_IMPROVEMENT={s.MIN_IMPROVEMENT}")
+    for lang, systems in scores.items():
+        drop = systems["base"][metric] - systems["finetuned"][metric]
+        if lang != "all" and drop > s.MAX_LANGUAGE_DROP:
+            reasons.append(
+                f"language {lang} regressed: {metric} {systems['base'][metric]:.4f} -> "
+                f"{systems['finetuned'][metric]:.4f} (Δ={signed(-drop)}), MAX_LANGUAGE_DROP={s.MAX_LANGUAGE_DROP}"
+            )
+    return reasons
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a temp file beside `path`, fsync, then rename: a crash or a full disk leaves the old file intact."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            tmp = f.name
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise InputError(f"cannot write {path}: {e.strerror or e}; free disk space or fix permissions") from None
+
+
+def append_evaluation(checkpoint: Path, lineage: dict, report: dict) -> None:
+    """Add this evaluation to the checkpoint's lineage.json: its history of evaluations is never rewritten."""
+    keep = ("evaluated_at", "base_model", "corpus", "queries", "gate", "metrics", "by_language", "bootstrap")
+    evaluation = {key: report[key] for key in keep} | {
+        "contamination": {k: v for k, v in report["contamination"].items() if k != "warnings"}
+    }
+    lineage.setdefault("evaluations", []).append(evaluation)
+    write_atomic(checkpoint / "lineage.json", json.dumps(lineage, indent=2, ensure_ascii=False) + "\n")
+    print(f"lineage: evaluation appended to {checkpoint / 'lineage.json'}")
+
+
+def model_fingerprint(checkpoint: Path) -> str:
+    """sha256 over the model's files, without lineage.json (which grows with every evaluation)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != "lineage.json"):
+        digest.update(str(path.relative_to(checkpoint)).encode() + b"\0" + sha256_of(path).encode())
+    return digest.hexdigest()
+
+
+def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: dict) -> dict:
+    """Copy a passing model to registry/v<NNNN>/ (read-only) and append one line to registry.jsonl.
+
+    The registry is append-only: earlier lines are never rewritten, earlier versions never touched. The same model
+    files passing again are not registered twice.
+    """
+    registry_file = output_dir / "registry.jsonl"
+    entries = read_registry(registry_file)
+    fingerprint = model_fingerprint(checkpoint)
+    for entry in entries:
+        if entry.get("model_sha256") == fingerprint:
+            print(f"registry: this model is already registered as {entry['version']} ({entry['path']})")
+            return {"version": entry["version"], "path": entry["path"], "new": False}
+    numbers = [int(p.name[1:]) for p in (output_dir / "registry").glob("v[0-9]*") if p.name[1:].isdigit()]
+    numbers += [int(entry["version"][1:]) for entry in entries]
+    version = f"v{max(numbers, default=0) + 1:04d}"
+    target = output_dir / "registry" / version
+    staging = output_dir / "registry" / f".{version}.tmp"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(checkpoint, staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                path.chmod(0o444)  # immutable by convention and by permission
+        os.rename(staging, target)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"cannot copy {checkpoint} to {target}: {e.strerror or e}; free disk space") from None
+    lineage = lineage or {}
+    entry = {
+        "version": version,
+        "path": str(target),
+        "registered_at": report["evaluated_at"],
+        "source": str(checkpoint),
+        "model_sha256": fingerprint,
+        "lineage": {
+            "base_model": report["base_model"],
+            "train_sha256": lineage.get("data", {}).get("train", {}).get("sha256"),
+            "test_sha256": lineage.get("data", {}).get("test_sha256"),
+            "git_commit": lineage.get("git_commit"),
+            "finished_at": lineage.get("finished_at"),
+            "lora": lineage.get("lora", False),
+        },
+        "scores": {system: report["metrics"][system][report["gate"]["primary_metric"]] for system in report["metrics"]}
+        | {"metric": report["gate"]["primary_metric"], "bootstrap": report["bootstrap"]},
+    }
+    with open(registry_file, "ab") as f:
+        size = f.tell()
+        try:
+            f.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:  # no torn last line, no version folder without its line
+            f.truncate(size)
+            shutil.rmtree(target, ignore_errors=True)
+            raise InputError(f"cannot append to {registry_file}: {e.strerror or e}; free disk space") from None
+    print(f"registry: registered {version} at {target} (line appended to {registry_file})")
+    return {"version": version, "path": str(target), "new": True}
+
+
+def read_registry(registry_file: Path) -> list[dict]:
+    if not registry_file.exists():
+        return []
+    entries = []
+    for number, line in enumerate(registry_file.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise InputError(
+                f"{registry_file} line {number} is not valid JSON; restore the file from a backup (it is append-only)"
+            ) from None
+    return entries
+
+
+def write_reports(output_dir: Path, report: dict) -> None:
+    """eval_report.json/.md/.png: the latest evaluation, replaced each run (history: lineage.json, registry)."""
+    paths = [output_dir / name for name in ("eval_report.json", "eval_report.md", "eval_report.png")]
+    if paths[0].exists():
+        print(f"reports: replacing the previous evaluation's reports in {output_dir} (history is in lineage.json)")
+    write_atomic(paths[2], chart_png(report))
+    write_atomic(paths[1], report_markdown(report))
+    write_atomic(paths[0], json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    print(f"reports: {', '.join(str(p) for p in paths)}")
+
+
+def report_metrics(report: dict) -> list[str]:
+    return [name.strip() for name in report["settings"]["REPORT_METRICS"].split(",") if name.strip()]
+
+
+def chart_png(report: dict) -> bytes:
+    """Bars of base / fine-tuned / BM25, overall and per language, one panel per main metric."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"all": report["metrics"]} | report["by_language"]
+    wanted = dict.fromkeys((report["gate"]["primary_metric"], *report_metrics(report)))
+    metrics = [m for m in wanted if m in report["metrics"]["base"]]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    x = np.arange(len(groups))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for offset, (system, label) in enumerate((("base", "base"), ("finetuned", "fine-tuned"), ("bm25", "BM25"))):
+            ax.bar(x + (offset - 1) * 0.27, [g[system][metric] for g in groups.values()], 0.27, label=label)
+        ax.set_xticks(x, list(groups))
+        ax.set_ylim(0, 1)
+        ax.set_title(metric)
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def report_markdown(report: dict) -> str:
+    gate, b, c = report["gate"], report["bootstrap"], report["contamination"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- evaluated at: {report['evaluated_at']}",
+        f"- checkpoint: `{report['checkpoint']}`; base model: `{report['base_model']}`",
+        f"- {report['queries']} test queries; corpus: {report['corpus']['documents']} documents "
+        f"(scope `{report['corpus']['scope']}`, identical answers grouped: {report['corpus']['grouped']})",
+        f"- gate: **{'PASSED' if gate['passed'] else 'BLOCKED'}**" + "".join(f"\n  - {r}" for r in gate["reasons"]),
+        f"- verdict on {gate['primary_metric']}: **{b['verdict']}**, Δ={signed(b['delta'])}, "
+        f"95% CI [{signed(b['ci_low'])}, {signed(b['ci_high'])}] ({b['resamples']} paired bootstrap resamples)",
+    ]
+    if c["checked"]:
+        lines.append(
+            f"- contamination vs `{c['train_path']}`: {c['exact_duplicate_questions']} exact / "
+            f"{c['normalised_duplicate_questions']} normalised duplicate questions, {c['shared_answers']} shared "
+            f"answers, {c['leaked_rows']} of {c['test_rows']} test rows leaked"
+        )
+    lines += [f"- warning: {w}" for w in c["warnings"]]
+    if report["registry"]:
+        lines.append(f"- registry: {report['registry']['version']} at `{report['registry']['path']}`")
+    lines += ["", "| metric | base | fine-tuned | Δ | BM25 |", "|---|---|---|---|---|"]
+    m = report["metrics"]
+    lines += [f"| {k} | {m['base'][k]:.4f} | {m['finetuned'][k]:.4f} | {signed(m['finetuned'][k] - m['base'][k])} "
+              f"| {m['bm25'][k]:.4f} |" for k in m["base"]]  # fmt: skip
+    for lang, systems in report["by_language"].items():
+        lines += ["", f"## {lang} ({systems['queries']} queries)", "", "| metric | base | fine-tuned | Δ | BM25 |"]
+        lines.append("|---|---|---|---|---|")
+        lines += [f"| {k} | {systems['base'][k]:.4f} | {systems['finetuned'][k]:.4f} | "
+                  f"{signed(systems['finetuned'][k] - systems['base'][k])} | {systems['bm25'][k]:.4f} |"
+                  for k in report_metrics(report) if k in systems["base"]]  # fmt: skip
+    lines += ["", "![base vs fine-tuned vs BM25](eval_report.png)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

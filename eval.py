@@ -64,6 +64,11 @@ def main() -> int:
     base_name = s.BASE_MODEL_NAME or (lineage or {}).get("base_model", {}).get("name") or s.MODEL_NAME
     print(f"checkpoint: {checkpoint}" + (" (LoRA adapter, loaded on its base)" if (lineage or {}).get("lora") else ""))
     print(f"base model: {base_name}")
+    trained_settings = (lineage or {}).get("settings", {})
+    for name in ("QUERY_PROMPT", "PASSAGE_PROMPT"):
+        trained = trained_settings.get(name)
+        if trained is not None and trained != vars(s)[name]:
+            print(f"warning: the model was trained with {name}={trained!r} but is scored with {vars(s)[name]!r}")
 
     # 2. The test queries and the corpus they search, built the way train.py builds its validation evaluator.
     test = read_split(Path(s.TEST_PATH))
@@ -82,9 +87,12 @@ def main() -> int:
     evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
     if s.PRIMARY_METRIC not in metric_names(evaluator):
         raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
+    # The checkpoint loads first: a broken one should fail at once, not after the base model was scored.
+    finetuned_model = load_model(str(checkpoint), "CHECKPOINT_PATH")
+    base_model = load_model(base_name, "BASE_MODEL_NAME")
     rankings = {
-        "base": model_rankings(evaluator, load_model(base_name, "BASE_MODEL_NAME")),
-        "finetuned": model_rankings(evaluator, load_model(str(checkpoint), "CHECKPOINT_PATH")),
+        "base": model_rankings(evaluator, base_model),
+        "finetuned": model_rankings(evaluator, finetuned_model),
         "bm25": bm25_rankings(evaluator),
     }
     languages = sorted(set(query_languages.values()) - {None})

@@ -46,6 +46,8 @@ split_names = ("train", "validation", "test")
 split_settings = ("SEED", "VALIDATION_FRACTION", "TEST_FRACTION", "GROUP_COLUMN", "SCRUB_PII")
 # Changing these regroups rows that are already split, which could put one group on both sides of a split.
 grouping_settings = ("GROUP_COLUMN", "SCRUB_PII")
+# How pandas, R, SQL and Excel exports write a missing value: such a cell is as empty as an empty one.
+missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
 # IBANs before phone numbers, whose digits they contain. A phone number starts with + or 0 and is separated by
 # spaces, / or -, never dots, so that dates like 01.02.2024 are left alone.
 pii_patterns = {
@@ -74,6 +76,8 @@ def main() -> None:
     #    hand (or restored wrongly): refusing is the only way not to lose or silently replace them.
     raw = input_bytes(s.DATA_PATH)
     input_sha256 = hashlib.sha256(raw).hexdigest()
+    if finished_interrupted_write([*outputs.values(), s.SPLIT_MANIFEST_PATH]):
+        print(f"finished the renames of an earlier run killed while making them: {s.SPLIT_MANIFEST_PATH} is that run's")
     previous = verified_previous_manifest(s.SPLIT_MANIFEST_PATH, outputs)
     if previous and previous["input"]["sha256"] == input_sha256 and previous["settings"] == split_settings_of(s):
         print(f"input and settings unchanged since {s.SPLIT_MANIFEST_PATH}: the splits are up to date, nothing written")
@@ -112,7 +116,7 @@ def main() -> None:
     frame = frame[~empty]
     print(
         f"3. cleaned: {int(header_repeats.sum()):,} repeated header lines and {int(empty.sum()):,} rows with an "
-        f"empty question or answer dropped"
+        f"empty (or NaN/NULL) question or answer dropped"
     )
     pii_replaced = None
     if s.SCRUB_PII:
@@ -345,6 +349,11 @@ def read_table(data: bytes, path: str) -> tuple[pd.DataFrame, str]:
         ) from None
     if frame.empty:
         raise InputError(f"{path} has a header but no rows; add one row per question/answer pair")
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas took the first field as row labels: the columns shifted
+        raise InputError(
+            f"{path} has more fields in its rows than names in its first line {first_line[:100]!r}; name every "
+            f"column in the first line, or remove the {delimiter!r} at the end of each row"
+        )
     canonical = {c: c.strip().capitalize() for c in frame.columns if c.strip().casefold() in ("question", "answer")}
     frame = frame.rename(columns=canonical)
     return frame[["Question", "Answer"] + [c for c in frame.columns if c not in ("Question", "Answer")]], delimiter
@@ -362,8 +371,12 @@ def matching_column(frame: pd.DataFrame, name: str, path: str) -> str:
 
 
 def cleaned(texts: pd.Series) -> pd.Series:
-    """Unicode NFC with every run of whitespace (line breaks included) turned into one space, ends stripped."""
-    return texts.map(lambda text: " ".join(unicodedata.normalize("NFC", text).split()), na_action="ignore").fillna("")
+    """Unicode NFC with every run of whitespace (line breaks included) turned into one space, ends stripped, and
+    byte-order marks removed (files joined with `cat` carry one in mid-file); "" for missing values such as NaN."""
+    texts = texts.map(
+        lambda text: " ".join(unicodedata.normalize("NFC", text).replace("\ufeff", "").split()), na_action="ignore"
+    ).fillna("")
+    return texts.mask(texts.str.casefold().isin(missing_markers), "")
 
 
 def scrubbed(texts: pd.Series) -> tuple[pd.Series, dict[str, int]]:
@@ -504,9 +517,29 @@ def history(previous: dict | None, input_sha256: str, s: SimpleNamespace, counts
     return previous.get("history", []) + [change]
 
 
+def temporary_path(path: str) -> str:
+    """Where `path` is written before it is renamed into place: beside it, so that the rename is atomic."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+
+
+def finished_interrupted_write(paths: list[str]) -> bool:
+    """Rename into place the temporary files of a run killed between its renames (the manifest last in `paths`), so
+    the split files and the manifest agree again. Its temporary manifest is written last: if it is whole, all are."""
+    try:
+        with open(temporary_path(paths[-1]), encoding="utf-8") as file:
+            json.load(file)
+    except (OSError, ValueError):
+        return False
+    for path in paths:
+        if os.path.exists(temporary_path(path)):
+            os.replace(temporary_path(path), path)
+    return True
+
+
 def write_atomically(files: dict[str, bytes]) -> None:
-    """Write every file to a temporary file beside it, then rename them all into place, in the given order."""
-    temporary = {path: os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp") for path in files}
+    """Write every file to a temporary file beside it, then rename them all into place, in the given order (the
+    manifest last): a run killed between the renames is finished by the next one (finished_interrupted_write)."""
+    temporary = {path: temporary_path(path) for path in files}
     for path, content in files.items():
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -522,7 +555,8 @@ def write_atomically(files: dict[str, bytes]) -> None:
                 f"cannot write {path}: {error.strerror}; make its folder writable and free some space (the previous "
                 f"files are unchanged)"
             ) from None
-    # Renames within one folder are atomic and near-instant: only here could a crash leave a mix of old and new.
+    # Renames within one folder are atomic and near-instant, but a kill between two of them leaves a mix of old and new
+    # files, which the next run completes.
     for path in files:
         os.replace(temporary[path], path)
 

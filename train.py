@@ -232,7 +232,15 @@ def main() -> None:
         },
         "evaluations": [],
     }
-    final = save_final(model, output_dir, lineage, trainer.state.log_history, merge_lora=s.USE_LORA and s.MERGE_LORA)
+    try:
+        final = save_final(
+            model, output_dir, lineage, trainer.state.log_history, merge_lora=s.USE_LORA and s.MERGE_LORA
+        )
+    except OSError as e:  # a full disk or lost permissions: the run is not finished, so a rerun resumes and saves
+        raise InputError(
+            f"cannot save the final model to '{output_dir / 'final'}' ({e.strerror or e}); free disk space or fix "
+            "permissions and rerun train.py: it resumes from the last checkpoint (an earlier final model is unchanged)"
+        ) from None
     mark_finished(checkpoints_dir, final)
     score = lineage["validation"].get(PRIMARY_METRIC)
     print(f"best checkpoint: {best} (validation NDCG@10 = {score if score is None else round(score, 4)})")

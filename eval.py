@@ -290,20 +290,35 @@ def normalised(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
 
 
-def contamination_counts(test: pd.DataFrame, train: pd.DataFrame) -> dict:
-    """How many test rows repeat a training question (exactly or normalised) or a training answer."""
+def contamination_counts(test: pd.DataFrame, train: pd.DataFrame, group_column: str | None = None) -> dict:
+    """How many test rows repeat a training question (exactly or normalised) or a training answer, or share a
+    group id with training (GROUP_COLUMN of the split: a translation has other words but the same id)."""
     exact = test["Question"].isin(set(train["Question"]))
     near = test["Question"].map(normalised).isin(set(train["Question"].map(normalised)))
     answers = test["Answer"].map(normalised).isin(set(train["Answer"].map(normalised)))
     leaked = exact | near | answers
-    return {
+    counts = {
         "test_rows": len(test),
         "exact_duplicate_questions": int(exact.sum()),
         "normalised_duplicate_questions": int(near.sum()),
         "shared_answers": int(answers.sum()),
-        "leaked_rows": int(leaked.sum()),
-        "leaked_fraction": float(leaked.mean()),
     }
+    if group_column and group_column in test.columns and group_column in train.columns:
+        test_groups = test[group_column].str.strip()
+        shared_groups = test_groups.ne("") & test_groups.isin(set(train[group_column].str.strip()))
+        leaked |= shared_groups
+        counts |= {"group_column": group_column, "shared_group_ids": int(shared_groups.sum())}
+    return counts | {"leaked_rows": int(leaked.sum()), "leaked_fraction": float(leaked.mean())}
+
+
+def split_group_column(lineage: dict) -> str | None:
+    """The GROUP_COLUMN the training split was made with, from the split manifest named in the lineage."""
+    manifest_path = ((lineage.get("data") or {}).get("split_manifest") or {}).get("path")
+    try:
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8")) if manifest_path else {}
+    except (OSError, ValueError):
+        return None
+    return (manifest.get("settings") or {}).get("GROUP_COLUMN") or None
 
 
 def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: Path, test_path: Path) -> dict:
@@ -332,7 +347,7 @@ def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: P
     test_sha = lineage.get("data", {}).get("test_sha256")
     if test_sha and sha256_of(test_path) != test_sha:
         warnings.append(f"{test_path} changed since this model was trained (sha256 differs from lineage.json)")
-    counts = contamination_counts(test, read_split(train_path))
+    counts = contamination_counts(test, read_split(train_path), split_group_column(lineage))
     return {"checked": True, "train_path": str(train_path), "warnings": warnings} | counts
 
 
@@ -344,7 +359,9 @@ def print_contamination(contamination: dict) -> None:
         print(
             f"contamination vs {c['train_path']}: {c['exact_duplicate_questions']} exact-duplicate questions, "
             f"{c['normalised_duplicate_questions']} normalised-duplicate questions, {c['shared_answers']} shared "
-            f"answers; {c['leaked_rows']} of {c['test_rows']} test rows leaked ({c['leaked_fraction']:.1%})"
+            f"answers"
+            + (f", {c['shared_group_ids']} shared {c['group_column']} values" if "group_column" in c else "")
+            + f"; {c['leaked_rows']} of {c['test_rows']} test rows leaked ({c['leaked_fraction']:.1%})"
         )
 
 

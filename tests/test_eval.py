@@ -323,6 +323,25 @@ def test_contamination_counts_exact_normalised_and_shared_answers(ev):
     }
 
 
+def test_contamination_counts_a_translation_by_its_shared_group_id(ev, tmp_path):
+    train = pd.DataFrame({"Question": ["How old is the bridge?"], "Answer": ["Built in 1890."], "id": ["q1"]})
+    test = pd.DataFrame(
+        {
+            "Question": ["Wie alt ist die Brücke?", "Who built it?"],
+            "Answer": ["Erbaut 1890.", "Eiffel."],
+            "id": ["q1", ""],
+        }
+    )
+    assert ev.contamination_counts(test, train)["leaked_rows"] == 0  # other words: invisible without the id
+    counts = ev.contamination_counts(test, train, "id")
+    assert counts["shared_group_ids"] == 1 and counts["leaked_rows"] == 1 and counts["group_column"] == "id"
+
+    manifest = tmp_path / "split_manifest.json"
+    manifest.write_text(json.dumps({"settings": {"GROUP_COLUMN": "id"}}), encoding="utf-8")
+    assert ev.split_group_column({"data": {"split_manifest": {"path": str(manifest)}}}) == "id"
+    assert ev.split_group_column({"data": {"split_manifest": {"path": str(tmp_path / "gone.json")}}}) is None
+
+
 # --- end to end, in-process ---
 
 

@@ -96,7 +96,7 @@ def main() -> None:
     train = read_split(Path(s.TRAIN_PATH), "training")
     validation = read_split(Path(s.VALIDATION_PATH), "validation")
     manifest_path = Path(s.SPLIT_MANIFEST_PATH)
-    manifest = read_manifest(manifest_path)
+    manifest = read_json(manifest_path)
     if is_main:
         print(
             f"training pairs: {len(train)} from {s.TRAIN_PATH}; validation pairs: {len(validation)} from "
@@ -212,7 +212,7 @@ def main() -> None:
             "name": s.MODEL_NAME,
             "revision": getattr(model.transformers_model.config, "_commit_hash", None),
         },
-        "data": data_lineage(s, manifest, manifest_path),
+        "data": data_lineage(s, manifest, manifest_path, fingerprint, len(train), len(validation)),
         "settings": vars(s),
         "versions": versions(),
         "git_commit": git_commit(),
@@ -330,7 +330,8 @@ def read_split(path: Path, kind: str) -> pd.DataFrame:
     return frame[["Question", "Answer"]]
 
 
-def read_manifest(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -436,10 +437,10 @@ def prepare_checkpoints(checkpoints_dir: Path, fingerprint: dict, resume: bool, 
     delete). Returns the lines to print about it."""
     run_file = checkpoints_dir / "run.json"
     checkpoints = sorted(checkpoints_dir.glob("checkpoint-*"), key=checkpoint_step)
-    previous = read_manifest(run_file)
-    reason = None
+    previous = read_json(run_file)
+    reason = None  # stays None for a first run (nothing to resume or move aside) and for a run that may resume
     if not checkpoints and previous is None:
-        reason = None
+        pass
     elif not resume:
         reason = "RESUME=False"
     elif previous is None:
@@ -533,18 +534,23 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def mark_finished(checkpoints_dir: Path, final: Path) -> None:
     """Record that this run is done, so that the next `python train.py` starts a new run instead of resuming it."""
     run_file = checkpoints_dir / "run.json"
-    run = read_manifest(run_file) or {}
+    run = read_json(run_file) or {}
     write_json_atomic(run_file, {**run, "finished_at": now(), "final": str(final)})
 
 
-def data_lineage(s: SimpleNamespace, manifest: dict | None, manifest_path: Path) -> dict:
-    def file_record(path: str) -> dict:
-        return {"path": path, "sha256": sha256(Path(path)), "rows": len(pd.read_csv(path, dtype=str))}
-
+def data_lineage(
+    s: SimpleNamespace,
+    manifest: dict | None,
+    manifest_path: Path,
+    fingerprint: dict,
+    train_rows: int,
+    validation_rows: int,
+) -> dict:
+    """The data behind this model; the split hashes were taken for the run fingerprint, the rows counted at reading."""
     return {
         "split_manifest": {"path": str(manifest_path), "sha256": sha256(manifest_path) if manifest else None},
-        "train": file_record(s.TRAIN_PATH),
-        "validation": file_record(s.VALIDATION_PATH),
+        "train": {"path": s.TRAIN_PATH, "sha256": fingerprint["train_sha256"], "rows": train_rows},
+        "validation": {"path": s.VALIDATION_PATH, "sha256": fingerprint["validation_sha256"], "rows": validation_rows},
         "test_sha256": ((manifest or {}).get("outputs") or {}).get("test", {}).get("sha256"),
     }
 
@@ -601,7 +607,7 @@ def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], 
         write_json_atomic(partial / "merged" / "lineage.json", {**lineage, "lora": False, "merged_from_lora": True})
     final = output_dir / "final"
     if final.exists():
-        old = read_manifest(final / "lineage.json") or {}
+        old = read_json(final / "lineage.json") or {}
         stamp = old.get("finished_at") or datetime.datetime.fromtimestamp(final.stat().st_mtime, datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )

@@ -469,9 +469,7 @@ def git_commit() -> str | None:
 
 
 def machine_line(machine: dict) -> str:
-    return (
-        f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM, GPU: {machine['gpu'] or 'none'}"
-    )
+    return f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GB RAM, GPU: {machine['gpu'] or 'none'}"
 
 
 def report_markdown(report: dict) -> str:

@@ -183,8 +183,11 @@ def test_identical_answer_copy_is_a_hit_when_grouped_and_a_miss_per_row(ev, tiny
     vacation = "Full-time employees get 30 vacation days per calendar year."
     test = pd.DataFrame(
         {
-            "Question": ["How do I reset my password?", "Quick question: How do I reset my password?",
-                         "How many vacation days do I get?"],  # fmt: skip
+            "Question": [
+                "How do I reset my password?",
+                "Quick question: How do I reset my password?",
+                "How many vacation days do I get?",
+            ],
             "Answer": [password, password, vacation],
         }
     )

@@ -119,8 +119,14 @@ def test_settings_parse_by_type_and_reject_bad_values(monkeypatch, tmp_path):
 def popen_train(cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}, **env)
-    return subprocess.Popen([sys.executable, str(REPO / "train.py")], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py")],
+        cwd=cwd,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_kill_and_resume_reaches_the_same_step_and_weights(tiny_model, tmp_path):
@@ -258,8 +264,14 @@ def test_save_final_keeps_the_earlier_final_even_when_a_save_fails(trained, tmp_
 
 def test_lora_adapter_is_small_loads_and_merged_model_matches(tiny_model, tmp_path):
     write_splits(tmp_path, manifest=False)
-    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", "USE_LORA": "1",
-           "MERGE_LORA": "1", **FAST}
+    env = {
+        "MODEL_NAME": str(tiny_model),
+        "BATCH_SIZE": "4",
+        "NUM_TRAIN_EPOCHS": "1",
+        "USE_LORA": "1",
+        "MERGE_LORA": "1",
+        **FAST,
+    }
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: no split manifest at data/split_manifest.json" in result.stdout
@@ -285,9 +297,18 @@ def test_lora_adapter_is_small_loads_and_merged_model_matches(tiny_model, tmp_pa
 
 def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
     write_splits(tmp_path)
-    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "8", "NUM_TRAIN_EPOCHS": "1", "MINE_HARD_NEGATIVES": "1",
-           "CACHED_MINI_BATCH_SIZE": "2", "HARD_NEGATIVE_MARGIN": "0", "HARD_NEGATIVE_MAX_SCORE": "1.0",
-           "WANDB_MODE": "offline", "WANDB_PROJECT": "train-test", **FAST}
+    env = {
+        "MODEL_NAME": str(tiny_model),
+        "BATCH_SIZE": "8",
+        "NUM_TRAIN_EPOCHS": "1",
+        "MINE_HARD_NEGATIVES": "1",
+        "CACHED_MINI_BATCH_SIZE": "2",
+        "HARD_NEGATIVE_MARGIN": "0",
+        "HARD_NEGATIVE_MAX_SCORE": "1.0",
+        "WANDB_MODE": "offline",
+        "WANDB_PROJECT": "train-test",
+        **FAST,
+    }
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     mined = re.search(r"^hard negatives: (\d+) \(anchor, positive, negative\) rows from 40 pairs", result.stdout, re.M)
@@ -301,12 +322,27 @@ def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
 def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
     write_splits(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MODEL_NAME": str(tiny_model),
-                "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "2", "OMP_NUM_THREADS": "1"})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "train.py")]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                            stdin=subprocess.DEVNULL)
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "MODEL_NAME": str(tiny_model),
+            "BATCH_SIZE": "4",
+            "NUM_TRAIN_EPOCHS": "2",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # 40 pairs in batches of 4 = 10 batches per epoch, shared by 2 ranks: 5 steps per epoch, not 10.
     assert "rank 0 of 2: finished training at step 10" in result.stdout
@@ -357,5 +393,8 @@ def test_grouped_evaluator_gives_one_document_per_distinct_answer():
     relevant = {evaluator.queries[evaluator.queries_ids.index(q)]: docs for q, docs in evaluator.relevant_docs.items()}
     corpus_text = dict(zip(evaluator.corpus_ids, evaluator.corpus, strict=True))
     assert {q: {corpus_text[d] for d in docs} for q, docs in relevant.items()} == {
-        "q1": {"a", "b"}, "q2": {"a"}, "q3": {"c"}}
+        "q1": {"a", "b"},
+        "q2": {"a"},
+        "q3": {"c"},
+    }
     assert evaluator.query_prompt == "query: " and evaluator.corpus_prompt is None

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -507,3 +508,26 @@ def test_script_bad_input_is_one_line_and_exit_2(tmp_path, content, message):
     assert result.stderr.startswith(message)
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_bundled_sample_splits_cleanly_with_translations_together(tmp_path):
+    """The quickstart's own input: nothing to clean, both languages, and no FAQ entry (an answer and its
+    translation share a faq_id) on two sides of a split."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "data" / "qa_data.csv", tmp_path / "data" / "qa_data.csv")
+    result = run_script("split_data.py", tmp_path, {"GROUP_COLUMN": "faq_id"})
+    assert result.returncode == 0, result.stderr
+
+    counts = json.loads((tmp_path / "data" / "split_manifest.json").read_text())["counts"]
+    # Every row read lands in a split: none is empty, a duplicate or held out.
+    assert counts["rows_read"] >= 1500 and sum(counts["by_split"].values()) == counts["rows_read"], counts
+    splits = read_splits(tmp_path)
+    everything = pd.concat(splits.values())
+    assert 0.4 < (everything["language"] == "en").mean() < 0.6
+    assert everything.groupby("Answer").size().median() >= 3  # paraphrased questions share an answer
+    where: dict[str, str] = {}
+    for name, frame in splits.items():
+        for key in [*frame["faq_id"], *frame["Answer"], *map(split_data.normalised_question, frame["Question"])]:
+            assert where.setdefault(key, name) == name, f"{key!r} is in {where[key]} and {name}"
+    test = splits["test"]
+    assert test["Answer"].nunique() >= 30 and set(test["language"]) == {"en", "de"}

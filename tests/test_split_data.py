@@ -50,6 +50,15 @@ def split_of_pairs(workdir: Path) -> dict[tuple[str, str], str]:
     }
 
 
+def assert_no_key_in_two_splits(splits: dict[str, pd.DataFrame], group_column: str) -> None:
+    """No normalised question, answer or group id is in more than one split."""
+    seen: dict[str, str] = {}
+    for name, frame in splits.items():
+        keys = [*map(split_data.normalised_question, frame["Question"]), *frame["Answer"], *frame[group_column]]
+        for key in keys:
+            assert seen.setdefault(key, name) == name, f"{key!r} is in {seen[key]} and {name}"
+
+
 def filler(count: int, start: int = 0) -> pd.DataFrame:
     """Unrelated rows: every question, answer and id distinct."""
     return pd.DataFrame(
@@ -122,13 +131,7 @@ def test_leaky_input_never_straddles_splits(tmp_path, monkeypatch, seed):
     assert len(where) == 50
     for cluster in (leaky[:3], leaky[3:8], leaky[8:]):
         assert len({where[pair] for pair in zip(cluster["Question"], cluster["Answer"], strict=True)}) == 1
-    seen: dict[str, str] = {}
-    for name, frame in read_splits(tmp_path).items():
-        keys = (
-            [split_data.normalised_question(q) for q in frame["Question"]] + list(frame["Answer"]) + list(frame["id"])
-        )
-        for key in keys:
-            assert seen.setdefault(key, name) == name, f"{key!r} is in {seen[key]} and {name}"
+    assert_no_key_in_two_splits(read_splits(tmp_path), "id")
     assert manifest["counts"]["groups"] == 40 + 3
     assert all(rows > 0 for rows in manifest["counts"]["by_split"].values())
 
@@ -525,9 +528,6 @@ def test_bundled_sample_splits_cleanly_with_translations_together(tmp_path):
     everything = pd.concat(splits.values())
     assert 0.4 < (everything["language"] == "en").mean() < 0.6
     assert everything.groupby("Answer").size().median() >= 3  # paraphrased questions share an answer
-    where: dict[str, str] = {}
-    for name, frame in splits.items():
-        for key in [*frame["faq_id"], *frame["Answer"], *map(split_data.normalised_question, frame["Question"])]:
-            assert where.setdefault(key, name) == name, f"{key!r} is in {where[key]} and {name}"
+    assert_no_key_in_two_splits(splits, "faq_id")
     test = splits["test"]
     assert test["Answer"].nunique() >= 30 and set(test["language"]) == {"en", "de"}

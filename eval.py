@@ -40,6 +40,8 @@ PRIMARY_METRIC = "ndcg@10"
 MIN_IMPROVEMENT = 0.01  # the fine-tuned model must beat the base model by at least this on PRIMARY_METRIC
 MAX_LANGUAGE_DROP = 0.01  # ... and no language may lose more than this on PRIMARY_METRIC
 MAX_CONTAMINATION = 0.01  # largest fraction of test rows allowed to share a question or answer with training
+GENERAL_TEST_PATH = ""  # Question/Answer CSVs from other domains, comma-separated, each scored on its own answers
+MAX_GENERAL_DROP = 0.01  # no general set may lose more than this on PRIMARY_METRIC
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 42
 REPORT_METRICS = "ndcg@10,mrr@10,accuracy@1"  # the bar chart's panels and the per-language tables of eval_report.md
@@ -79,9 +81,11 @@ def main() -> int:
     )
     print(f"test: {len(test)} rows, {len(queries)} queries; corpus ({s.CORPUS_SCOPE}): {len(corpus)} documents")
 
-    # 3. Contamination: did the test set leak into the training data behind this checkpoint?
+    # 3. Contamination: did the test set leak into the training data behind this checkpoint? The general sets are
+    # read and checked here too, before any model is scored.
     contamination = contamination_report(test, lineage, checkpoint, Path(s.TEST_PATH))
     print_contamination(contamination)
+    general_sets = read_general_sets(s, test, lineage)
 
     # 4. Score base, fine-tuned and BM25 on the same queries and corpus; the same evaluator for both models.
     evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
@@ -95,23 +99,14 @@ def main() -> int:
         "finetuned": model_rankings(evaluator, finetuned_model),
         "bm25": bm25_rankings(evaluator),
     }
-    languages = sorted(set(query_languages.values()) - {None})
-    if not languages:
+    scopes, scores = scope_scores(evaluator, rankings, query_languages)
+    if len(scopes) == 1:
         print(f"per language: the test split has no {s.LANGUAGE_COLUMN!r} column, so overall metrics only")
-    scopes = {"all": evaluator.queries_ids} | {
-        lang: [qid for qid in evaluator.queries_ids if query_languages[qid] == lang] for lang in languages
-    }
-    scores = {
-        scope: {system: metrics_of(evaluator, ranking, qids) for system, ranking in rankings.items()}
-        for scope, qids in scopes.items()
-    }
 
-    # 5. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric.
-    score_function = evaluator.score_function_names[0]  # the models' similarity, "cosine" for these
-    for scope, systems in scores.items():
-        prefix = "test" if scope == "all" else f"test_{scope}"
-        for metric in systems["base"]:
-            print(metric_line(f"{prefix}_{score_function}_{metric}", *(systems[k][metric] for k in rankings)))
+    # 5. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric; then
+    # the same, without BM25, for each general set (scored by the same two model objects).
+    for line in metric_lines("test", scores, evaluator.score_function_names[0]):  # "cosine" for these models
+        print(line)
     bootstrap = {"metric": s.PRIMARY_METRIC} | bootstrap_report(
         *(per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC) for k in rankings),
         s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED,
@@ -120,17 +115,18 @@ def main() -> int:
     bm25, finetuned = scores["all"]["bm25"][s.PRIMARY_METRIC], scores["all"]["finetuned"][s.PRIMARY_METRIC]
     if bm25 > finetuned:
         print(f"note: BM25 beats the fine-tuned model on {s.PRIMARY_METRIC} ({bm25:.4f} vs {finetuned:.4f})")
+    general = general_report(general_sets, {"base": base_model, "finetuned": finetuned_model}, s)
+    print_general(general)
 
     # 6. The gate: every reason to block is printed, not just the first.
-    reasons = gate_reasons(scores, contamination, s)
+    reasons = gate_reasons(scores, contamination, s, general)
     print("gate: PASSED" if not reasons else "gate: BLOCKED")
     for reason in reasons:
         print(f"  - {reason}")
 
     # 7. Keep the result: lineage (history), registry (what may ship), reports (the latest evaluation).
-    evaluated_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     report = {
-        "evaluated_at": evaluated_at,
+        "evaluated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "checkpoint": str(checkpoint),
         "base_model": base_name,
         "corpus": {"scope": s.CORPUS_SCOPE, "documents": len(corpus), "grouped": s.GROUP_IDENTICAL_ANSWERS},
@@ -143,11 +139,13 @@ def main() -> int:
             "min_improvement": s.MIN_IMPROVEMENT,
             "max_language_drop": s.MAX_LANGUAGE_DROP,
             "max_contamination": s.MAX_CONTAMINATION,
+            "max_general_drop": s.MAX_GENERAL_DROP,
         },
         "metrics": scores["all"],
-        "by_language": {lang: {"queries": len(scopes[lang])} | scores[lang] for lang in languages},
+        "by_language": by_language(scopes, scores),
         "bootstrap": bootstrap,
         "contamination": contamination,
+        "general": general,
         "registry": None,
     }
     inside_registry = Path(s.OUTPUT_DIR, "registry").resolve() in checkpoint.resolve().parents
@@ -231,23 +229,36 @@ def read_lineage(checkpoint: Path) -> dict | None:
         raise InputError(f"{path} is not valid JSON ({e}); restore it from the training run") from None
 
 
-def read_split(path: Path) -> pd.DataFrame:
-    """A split CSV in the contract's format: Question and Answer columns, no empty cells."""
+def read_split(path: Path, setting: str | None = None) -> pd.DataFrame:
+    """A split CSV in the contract's format: Question and Answer columns, no empty cells.
+
+    With `setting` (a general set named in GENERAL_TEST_PATH: a file split_data.py did not write) the Question and
+    Answer columns may have any capitalisation, and each error says how to fix the file rather than to re-split.
+    """
+    own = setting is not None
     if not path.is_file():
-        raise InputError(f"{path} not found; run split_data.py first or set its path (TEST_PATH, ...) in .env")
+        fix = f"fix {setting} (comma-separated CSV paths)" if own else "run split_data.py first or set its path"
+        raise InputError(f"{path} not found; {fix}" + ("" if own else " (TEST_PATH, ...) in .env"))
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         detail = str(e).splitlines()[0]
-        raise InputError(f"{path} is not a readable UTF-8 CSV ({detail}); re-run split_data.py") from None
+        fix = "save it as UTF-8 (Excel: CSV UTF-8)" if own else "re-run split_data.py"
+        raise InputError(f"{path} is not a readable UTF-8 CSV ({detail}); {fix}") from None
+    if own:
+        frame = frame.rename(columns={c: c.capitalize() for c in frame.columns if c.lower() in ("question", "answer")})
     for column in ("Question", "Answer"):
         if column not in frame.columns:
-            raise InputError(f"{path} has no {column} column (columns: {list(frame.columns)}); re-run split_data.py")
+            fix = "name the columns Question and Answer in the first line" if own else "re-run split_data.py"
+            raise InputError(f"{path} has no {column} column (columns: {list(frame.columns)}); {fix}")
         empty = frame.index[frame[column].str.strip() == ""]
         if len(empty):
-            raise InputError(f"{path} row {empty[0] + 2}: empty {column}; re-run split_data.py, which drops such rows")
+            fix = "fill or delete such rows" if own else "re-run split_data.py, which drops such rows"
+            raise InputError(f"{path} row {empty[0] + 2}: empty {column}; {fix}")
     if frame.empty:
-        raise InputError(f"{path} has no rows; re-run split_data.py on more data")
+        raise InputError(
+            f"{path} has no rows; " + (f"add rows or fix {setting}" if own else "re-run split_data.py on more data")
+        )
     return frame
 
 
@@ -363,6 +374,103 @@ def print_contamination(contamination: dict) -> None:
             + (f", {c['shared_group_ids']} shared {c['group_column']} values" if "group_column" in c else "")
             + f"; {c['leaked_rows']} of {c['test_rows']} test rows leaked ({c['leaked_fraction']:.1%})"
         )
+
+
+def read_general_sets(s: SimpleNamespace, test: pd.DataFrame, lineage: dict | None) -> list[dict]:
+    """The general sets named in GENERAL_TEST_PATH, each read and checked before any model is scored.
+
+    A general set stands for everything the model is not trained on, so it must be neither the test split nor
+    overlap it or the training data behind the checkpoint (checked as the test split is, by contamination_counts).
+    """
+    paths = [Path(p.strip()) for p in s.GENERAL_TEST_PATH.split(",") if p.strip()]
+    if not paths:
+        return []
+    test_path, test_sha = Path(s.TEST_PATH), sha256_of(Path(s.TEST_PATH))
+    group_column = split_group_column(lineage) if lineage else None
+    train_path = Path(lineage["data"]["train"]["path"]) if lineage else None  # contamination_report checked it
+    train = read_split(train_path) if train_path else None
+    general_sets, names = [], {}
+    for path in paths:
+        name = path.stem
+        if name in names:
+            raise InputError(
+                f"GENERAL_TEST_PATH names two general sets called {name!r} ({names[name]}, {path}); "
+                "list each file once and give each its own file name"
+            )
+        names[name] = path
+        if path.is_file() and (path.resolve() == test_path.resolve() or sha256_of(path) == test_sha):
+            same = "the same file as" if path.resolve() == test_path.resolve() else "a copy (same sha256) of"
+            raise InputError(
+                f"general set {path} is {same} the test split {test_path}; a general set holds questions from other "
+                "domains: set GENERAL_TEST_PATH to such a CSV"
+            )
+        frame = read_split(path, "GENERAL_TEST_PATH")
+        overlaps = {}
+        for kind, other_path, other in (("test split", test_path, test), ("training data", train_path, train)):
+            if other is None:
+                continue
+            counts = contamination_counts(frame, other, group_column)
+            if counts["leaked_fraction"] > s.MAX_CONTAMINATION:
+                raise InputError(
+                    f"general set {path} overlaps the {kind} {other_path}: {counts['leaked_rows']} of "
+                    f"{counts['test_rows']} rows ({counts['leaked_fraction']:.1%}) share a question or an answer "
+                    f"(MAX_CONTAMINATION={s.MAX_CONTAMINATION:.1%}); remove those rows from the general set"
+                )
+            overlaps[kind.split()[0]] = {"path": str(other_path)} | counts
+        language = next((c for c in frame.columns if c.casefold() == s.LANGUAGE_COLUMN.casefold()), None)
+        general_sets.append(
+            {"name": name, "path": str(path), "sha256": sha256_of(path), "frame": frame, "language_column": language,
+             "contamination": overlaps}
+        )  # fmt: skip
+    return general_sets
+
+
+def general_report(general_sets: list[dict], models: dict, s: SimpleNamespace) -> dict:
+    """Each general set scored by the same model objects on its own answers as the corpus (one document per
+    distinct answer, as the test corpus), overall and per language, with the paired bootstrap interval."""
+    if not general_sets:
+        return {"checked": False, "note": "GENERAL_TEST_PATH is empty", "sets": []}
+    results = []
+    for g in general_sets:
+        frame = g["frame"]
+        queries, corpus, relevant_docs, query_languages = ir_inputs(
+            frame, [frame], True, g["language_column"] or s.LANGUAGE_COLUMN
+        )
+        evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
+        rankings = {system: model_rankings(evaluator, model) for system, model in models.items()}
+        scopes, scores = scope_scores(evaluator, rankings, query_languages)
+        per_query = {k: per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC)
+                     for k in rankings}  # fmt: skip
+        bootstrap = {"metric": s.PRIMARY_METRIC} | bootstrap_report(
+            per_query["base"], per_query["finetuned"], None, s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED
+        )
+        results.append(
+            {key: g[key] for key in ("name", "path", "sha256", "language_column", "contamination")}
+            | {"rows": len(frame), "queries": len(queries), "documents": len(corpus),
+               "score_function": evaluator.score_function_names[0], "metrics": scores["all"],
+               "by_language": by_language(scopes, scores), "bootstrap": bootstrap}
+        )  # fmt: skip
+    return {"checked": True, "note": None, "sets": results}
+
+
+def print_general(general: dict) -> None:
+    """The general sets' block: per set a header, the metric lines (overall, per language) and a verdict."""
+    if not general["checked"]:
+        print(
+            f"general: not checked ({general['note']}): a loss outside this domain would go unseen; set "
+            "GENERAL_TEST_PATH to Question/Answer CSVs from other domains"
+        )
+        return
+    for g in general["sets"]:
+        languages = f"per {g['language_column']!r}" if g["by_language"] else "no language column, overall only"
+        print(
+            f"general[{g['name']}]: {g['path']}, {g['rows']} rows, {g['queries']} queries; corpus (its own answers): "
+            f"{g['documents']} documents; {languages}"
+        )
+        scores = {"all": g["metrics"]} | g["by_language"]
+        for line in metric_lines(f"general[{g['name']}]", scores, g["score_function"]):
+            print(line)
+        print(f"general[{g['name']}] {verdict_line(g['bootstrap']['metric'], g['bootstrap'])}")
 
 
 def sha256_of(path: Path) -> str:
@@ -528,13 +636,44 @@ def paired_bootstrap_ci(base: np.ndarray, finetuned: np.ndarray, resamples: int,
     return float(low), float(high)
 
 
-def bootstrap_report(base: np.ndarray, finetuned: np.ndarray, bm25: np.ndarray, resamples: int, seed: int) -> dict:
+def bootstrap_report(
+    base: np.ndarray, finetuned: np.ndarray, bm25: np.ndarray | None, resamples: int, seed: int
+) -> dict:
     """Delta, its interval and the verdict: improved / regressed only when the interval excludes zero."""
     low, high = paired_bootstrap_ci(base, finetuned, resamples, seed)
     verdict = "improved" if low > 0 else "regressed" if high < 0 else "no significant change"
     delta = float((finetuned - base).mean())
     return {"delta": delta, "ci_low": low, "ci_high": high, "verdict": verdict, "resamples": resamples, "seed": seed,
             "queries": len(base)}  # fmt: skip
+
+
+def scope_scores(evaluator, rankings: dict, query_languages: dict) -> tuple[dict, dict]:
+    """The query ids of each scope ("all", then each language) and every system's metrics on each."""
+    languages = sorted(set(query_languages.values()) - {None})
+    scopes = {"all": evaluator.queries_ids} | {
+        lang: [qid for qid in evaluator.queries_ids if query_languages[qid] == lang] for lang in languages
+    }
+    scores = {
+        scope: {system: metrics_of(evaluator, ranking, qids) for system, ranking in rankings.items()}
+        for scope, qids in scopes.items()
+    }
+    return scopes, scores
+
+
+def by_language(scopes: dict, scores: dict) -> dict:
+    """The reports' per-language part: each language's query count and scores."""
+    return {lang: {"queries": len(qids)} | scores[lang] for lang, qids in scopes.items() if lang != "all"}
+
+
+def metric_lines(prefix: str, scores: dict, score_function: str) -> list[str]:
+    """The recipe's lines, `<prefix>_cosine_ndcg@10: base=...`, overall then `<prefix>_<language>_...`."""
+    lines = []
+    for scope, systems in scores.items():
+        name = prefix if scope == "all" else f"{prefix}_{scope}"
+        present = [system for system in ("base", "finetuned", "bm25") if system in systems]
+        for metric in systems["base"]:
+            lines.append(metric_line(f"{name}_{score_function}_{metric}", *(systems[k][metric] for k in present)))
+    return lines
 
 
 def signed(value: float) -> str:
@@ -555,7 +694,7 @@ def verdict_line(metric: str, bootstrap: dict) -> str:
     )
 
 
-def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace) -> list[str]:
+def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace, general: dict | None = None) -> list[str]:
     """Every reason to block this model; empty means it passes."""
     metric, reasons = s.PRIMARY_METRIC, []
     if contamination["checked"] and contamination["leaked_fraction"] > s.MAX_CONTAMINATION:
@@ -574,6 +713,14 @@ def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace) -> list[
             reasons.append(
                 f"language {lang} regressed: {metric} {systems['base'][metric]:.4f} -> "
                 f"{systems['finetuned'][metric]:.4f} (Δ={signed(-drop)}), MAX_LANGUAGE_DROP={s.MAX_LANGUAGE_DROP}"
+            )
+    for g in (general or {}).get("sets", []):
+        base, finetuned = g["metrics"]["base"][metric], g["metrics"]["finetuned"][metric]
+        if base - finetuned > s.MAX_GENERAL_DROP:
+            reasons.append(
+                f"general set {g['name']} ({g['path']}) regressed: {metric} {base:.4f} -> {finetuned:.4f} "
+                f"(Δ={signed(finetuned - base)}), MAX_GENERAL_DROP={s.MAX_GENERAL_DROP}; the in-domain gain was "
+                "bought with a loss outside the training domain"
             )
     return reasons
 
@@ -597,7 +744,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def append_evaluation(checkpoint: Path, lineage: dict, report: dict) -> None:
     """Add this evaluation to the checkpoint's lineage.json: its history of evaluations is never rewritten."""
-    keep = ("evaluated_at", "base_model", "corpus", "queries", "gate", "metrics", "by_language", "bootstrap")
+    keep = ("evaluated_at", "base_model", "corpus", "queries", "gate", "metrics", "by_language", "bootstrap", "general")
     evaluation = {key: report[key] for key in keep} | {
         "contamination": {k: v for k, v in report["contamination"].items() if k != "warnings"}
     }
@@ -659,6 +806,7 @@ def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: d
         },
         "scores": {system: report["metrics"][system][report["gate"]["primary_metric"]] for system in report["metrics"]}
         | {"metric": report["gate"]["primary_metric"], "bootstrap": report["bootstrap"]},
+        "general": general_scores(report),
     }
     with open(registry_file, "ab") as f:
         size = f.tell()
@@ -672,6 +820,17 @@ def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: d
             raise InputError(f"cannot append to {registry_file}: {e.strerror or e}; free disk space") from None
     print(f"registry: registered {version} at {target} (line appended to {registry_file})")
     return {"version": version, "path": str(target), "new": True}
+
+
+def general_scores(report: dict) -> dict:
+    """The registry's record of the general sets: each one's file and its primary metric, base vs fine-tuned."""
+    general, metric = report["general"], report["gate"]["primary_metric"]
+    sets = [
+        {"name": g["name"], "path": g["path"], "sha256": g["sha256"], "base": g["metrics"]["base"][metric],
+         "finetuned": g["metrics"]["finetuned"][metric], "bootstrap": g["bootstrap"]}
+        for g in general["sets"]
+    ]  # fmt: skip
+    return {"checked": general["checked"], "note": general["note"], "sets": sets}
 
 
 def read_registry(registry_file: Path) -> list[dict]:
@@ -763,8 +922,34 @@ def report_markdown(report: dict) -> str:
         lines += [f"| {k} | {systems['base'][k]:.4f} | {systems['finetuned'][k]:.4f} | "
                   f"{signed(systems['finetuned'][k] - systems['base'][k])} | {systems['bm25'][k]:.4f} |"
                   for k in report_metrics(report) if k in systems["base"]]  # fmt: skip
+    lines += general_markdown(report)
     lines += ["", "![base vs fine-tuned vs BM25](eval_report.png)", ""]
     return "\n".join(lines)
+
+
+def general_markdown(report: dict) -> list[str]:
+    """The report's general-set section: one table per set (overall and per language), or why there is none."""
+    general = report["general"]
+    if not general["checked"]:
+        return ["", "## General sets", "", f"General ability was not checked ({general['note']})."]
+    lines = []
+    for g in general["sets"]:
+        b = g["bootstrap"]
+        lines += [
+            "",
+            f"## General set {g['name']} (`{g['path']}`: {g['queries']} queries, {g['documents']} documents)",
+            "",
+            f"Verdict on {b['metric']}: **{b['verdict']}**, Δ={signed(b['delta'])}, "
+            f"95% CI [{signed(b['ci_low'])}, {signed(b['ci_high'])}]",
+            "",
+            "| scope | metric | base | fine-tuned | Δ |",
+            "|---|---|---|---|---|",
+        ]
+        for scope, systems in ({"all": g["metrics"]} | g["by_language"]).items():
+            lines += [f"| {scope} | {k} | {systems['base'][k]:.4f} | {systems['finetuned'][k]:.4f} | "
+                      f"{signed(systems['finetuned'][k] - systems['base'][k])} |"
+                      for k in report_metrics(report) if k in systems["base"]]  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

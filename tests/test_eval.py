@@ -8,7 +8,8 @@ Models used here, all built offline in seconds:
 - know-nothing: every text gets the same embedding, so every ranking is the corpus order: a fixed floor, the base
   model of the runs that must pass;
 - bag-of-words: a StaticEmbedding with one-hot token vectors, whose rankings follow shared words (known by hand);
-  with English-only or German-only tokens zeroed it is a model broken in that language.
+  with English-only or German-only tokens zeroed it is a model broken in that language; with the tokens of the
+  general set (GENERAL_ROWS) or of the helpdesk data zeroed, one that knows only the helpdesk or only general facts.
 """
 
 import errno
@@ -27,6 +28,10 @@ from conftest import REPO, run_script, small_qa_frame
 
 LINE = re.compile(
     r"^(test(_[a-z]+)?_cosine_[a-z]+@\d+): base=\d\.\d{4} \| fine-tuned=\d\.\d{4} \| Δ=[+-]\d\.\d{4} \| bm25=\d\.\d{4}$"
+)
+
+GENERAL_LINE = re.compile(
+    r"^(general\[geo_facts\](_[a-z]+)?_cosine_[a-z]+@\d+): base=\d\.\d{4} \| fine-tuned=\d\.\d{4} \| Δ=[+-]\d\.\d{4}$"
 )
 
 
@@ -121,6 +126,47 @@ def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "bow_broken_german": bag_of_words_model(tiny_model, folder / "bow_de", token_ids("de") - token_ids("en")),
         "bow_broken_english": bag_of_words_model(tiny_model, folder / "bow_en", token_ids("en") - token_ids("de")),
         "know_nothing": bag_of_words_model(tiny_model, folder / "know_nothing", know_nothing=True),
+    }
+
+
+# A general set from other domains (geography, history, astronomy), English and German; its language column is
+# spelled "Language" (found case-insensitively).
+GENERAL_ROWS = [
+    ("What is the capital of France?", "Paris is the capital of France and its largest city.", "en"),
+    ("Wie lang ist der Rhein?", "Der Rhein ist etwa 1.230 Kilometer lang.", "de"),
+    ("How tall is Mount Everest?", "Mount Everest is 8,849 metres tall, the highest mountain on Earth.", "en"),
+    ("Wann wurde Goethe geboren?", "Goethe wurde am 28. August 1749 in Frankfurt geboren.", "de"),
+    ("When did the Berlin Wall fall?", "The Berlin Wall fell on 9 November 1989.", "en"),
+    ("Was ist die Hauptstadt von Italien?", "Rom ist die Hauptstadt von Italien.", "de"),
+    ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun.", "en"),
+    ("Welcher Planet ist der größte?", "Jupiter ist der größte Planet im Sonnensystem.", "de"),
+]
+
+
+def write_general_set(path: Path, rows=GENERAL_ROWS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["Question", "Answer", "Language"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def traded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fine-tuning that traded general knowledge for the helpdesk: bag-of-words models over the tiny tokenizer,
+    the "base" blind to helpdesk-only tokens, the "fine-tuned" blind to the general set's own tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    frame = small_qa_frame()
+
+    def token_ids(texts) -> set[int]:
+        return {i for text in texts for i in tokenizer.encode(text, add_special_tokens=False).ids}
+
+    helpdesk = token_ids(list(frame["Question"]) + list(frame["Answer"]))
+    general = token_ids([text for question, answer, _ in GENERAL_ROWS for text in (question, answer)])
+    folder = tmp_path_factory.mktemp("traded")
+    return {
+        "base": bag_of_words_model(tiny_model, folder / "base", helpdesk - general),
+        "finetuned": bag_of_words_model(tiny_model, folder / "finetuned", general - helpdesk),
     }
 
 
@@ -280,7 +326,7 @@ def gate_settings(**overrides):
     from types import SimpleNamespace
 
     values = {"PRIMARY_METRIC": "ndcg@10", "MIN_IMPROVEMENT": 0.01, "MAX_LANGUAGE_DROP": 0.01}
-    values["MAX_CONTAMINATION"] = 0.01
+    values |= {"MAX_CONTAMINATION": 0.01, "MAX_GENERAL_DROP": 0.01}
     return SimpleNamespace(**(values | overrides))
 
 
@@ -304,6 +350,23 @@ def test_gate_rules(ev):
     assert ev.gate_reasons(scores_of({"all": (0.5, 0.6)}), CLEAN | {"leaked_fraction": 0.01}, s) == []  # at the limit
     everything = ev.gate_reasons(scores_of({"all": (0.5, 0.4), "de": (0.6, 0.3)}), leaked, s)
     assert len(everything) == 3  # every reason, not just the first
+
+
+def test_gate_rule_on_general_sets(ev):
+    def general(*base_ft: tuple[float, float]) -> dict:
+        sets = [{"name": f"set{i}", "path": f"g/set{i}.csv", "metrics": scores_of({"all": pair})["all"]}
+                for i, pair in enumerate(base_ft)]  # fmt: skip
+        return {"checked": True, "note": None, "sets": sets}
+
+    s, passing = gate_settings(), scores_of({"all": (0.5, 0.6)})
+    assert ev.gate_reasons(passing, CLEAN, s, general((0.9, 0.895), (0.5, 0.7))) == []  # a small loss, a gain
+    (lost,) = ev.gate_reasons(passing, CLEAN, s, general((0.9, 0.95), (0.9, 0.85)))
+    assert lost.startswith("general set set1 (g/set1.csv) regressed: ndcg@10 0.9000 -> 0.8500 (Δ=-0.0500)")
+    assert "MAX_GENERAL_DROP=0.01" in lost
+    assert ev.gate_reasons(passing, CLEAN, gate_settings(MAX_GENERAL_DROP=0.1), general((0.9, 0.85))) == []
+    assert (
+        ev.gate_reasons(passing, CLEAN, s, {"checked": False, "note": "GENERAL_TEST_PATH is empty", "sets": []}) == []
+    )
 
 
 def test_contamination_counts_exact_normalised_and_shared_answers(ev):
@@ -484,6 +547,85 @@ def test_recipe_settings_test_corpus_per_row_ids_and_no_language_column(work, mo
     _, grouped = run_eval(work, CORPUS_SCOPE="test", GROUP_IDENTICAL_ANSWERS="true")
     assert "corpus (test): 4 documents" in grouped
     assert ndcg_line(out)["fine-tuned"] < ndcg_line(grouped)["fine-tuned"] - 0.1
+
+
+def test_general_set_is_scored_on_its_own_answers_and_recorded_everywhere(work, models, run_eval):
+    write_general_set(work / "general" / "geo_facts.csv")
+    make_checkpoint(work, models["bow"], base=models["know_nothing"])
+    code, out = run_eval(work, GENERAL_TEST_PATH="general/geo_facts.csv")
+    assert code == 0, out
+    header = "general[geo_facts]: general/geo_facts.csv, 8 rows, 8 queries; corpus (its own answers): 8 documents"
+    assert f"{header}; per 'Language'" in out.splitlines()
+    lines = [line for line in out.splitlines() if GENERAL_LINE.match(line)]
+    assert len(lines) == 15 * 3  # every metric, overall + en + de (the "Language" column, found case-insensitively)
+    assert len([line for line in out.splitlines() if LINE.match(line)]) == 15 * 3  # the test block is unchanged
+    assert "general: not checked" not in out
+    # The know-nothing base ranks the corpus in order: query i's answer is document i only if the corpus is the set's
+    # own 8 answers, one document each, so its NDCG@10 is known by hand, overall and for the English (even) rows.
+    general, english = ndcg_line(out, "general[geo_facts]"), ndcg_line(out, "general[geo_facts]_en")
+    assert general["base"] == round(np.mean([1 / np.log2(i + 2) for i in range(8)]), 4)
+    assert english["base"] == round(np.mean([1 / np.log2(i + 2) for i in (0, 2, 4, 6)]), 4)
+    assert general["fine-tuned"] > general["base"] + 0.1
+    assert re.search(r"^general\[geo_facts\] verdict: improved \(ndcg@10 Δ=\+\d\.\d{4}, 95% CI", out, re.M)
+
+    report = json.loads((work / "output" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["gate"]["max_general_drop"] == 0.01 and report["general"]["checked"] is True
+    (recorded,) = report["general"]["sets"]
+    assert recorded["name"] == "geo_facts" and recorded["path"] == "general/geo_facts.csv"
+    assert recorded["sha256"] == sha256(work / "general" / "geo_facts.csv")
+    assert (recorded["queries"], recorded["documents"], recorded["language_column"]) == (8, 8, "Language")
+    assert recorded["metrics"]["finetuned"]["ndcg@10"] == pytest.approx(general["fine-tuned"], abs=5e-5)
+    assert set(recorded["by_language"]) == {"en", "de"} and recorded["by_language"]["en"]["queries"] == 4
+    assert recorded["bootstrap"]["verdict"] == "improved" and recorded["bootstrap"]["queries"] == 8
+    assert {kind: c["leaked_rows"] for kind, c in recorded["contamination"].items()} == {"test": 0, "training": 0}
+    assert "## General set geo_facts (`general/geo_facts.csv`: 8 queries, 8 documents)" in (
+        work / "output" / "eval_report.md"
+    ).read_text(encoding="utf-8")
+    lineage = json.loads((work / "output" / "final" / "lineage.json").read_text(encoding="utf-8"))
+    assert lineage["evaluations"][-1]["general"] == report["general"]
+    (entry,) = map(json.loads, (work / "output" / "registry.jsonl").read_text(encoding="utf-8").splitlines())
+    assert entry["general"]["checked"] is True
+    assert entry["general"]["sets"][0] | {"bootstrap": None} == {
+        "name": "geo_facts", "path": "general/geo_facts.csv", "sha256": recorded["sha256"], "bootstrap": None,
+        "base": recorded["metrics"]["base"]["ndcg@10"], "finetuned": recorded["metrics"]["finetuned"]["ndcg@10"],
+    }  # fmt: skip
+
+
+def test_without_a_general_set_eval_says_general_ability_was_not_checked(work, models, run_eval):
+    make_checkpoint(work, models["bow"], base=models["know_nothing"])
+    code, out = run_eval(work)
+    assert code == 0, out
+    (line,) = [line for line in out.splitlines() if line.startswith("general")]
+    assert line.startswith("general: not checked (GENERAL_TEST_PATH is empty): a loss outside this domain")
+    report = json.loads((work / "output" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["general"] == {"checked": False, "note": "GENERAL_TEST_PATH is empty", "sets": []}
+    markdown = (work / "output" / "eval_report.md").read_text(encoding="utf-8")
+    assert "General ability was not checked (GENERAL_TEST_PATH is empty)." in markdown
+    (entry,) = map(json.loads, (work / "output" / "registry.jsonl").read_text(encoding="utf-8").splitlines())
+    assert entry["general"] == {"checked": False, "note": "GENERAL_TEST_PATH is empty", "sets": []}
+
+
+def test_a_model_that_loses_on_a_general_set_is_blocked_naming_the_set(work, traded, run_eval):
+    # The "fine-tuned" model knows the helpdesk and has forgotten general facts; its base is the other way round.
+    write_general_set(work / "general" / "geo_facts.csv")
+    make_checkpoint(work, traded["finetuned"], base=traded["base"])
+    code, out = run_eval(work, GENERAL_TEST_PATH="general/geo_facts.csv")
+    test, general = ndcg_line(out), ndcg_line(out, "general[geo_facts]")
+    assert test["fine-tuned"] > test["base"] + 0.1  # a real in-domain gain ...
+    assert general["fine-tuned"] < general["base"] - 0.1  # ... bought with a real loss on the general set
+    assert code == 1
+    reasons = [line for line in out.splitlines() if line.startswith("  - ")]
+    assert len(reasons) == 1, out  # the general set alone blocks it
+    assert reasons[0].startswith(
+        f"  - general set geo_facts (general/geo_facts.csv) regressed: ndcg@10 {general['base']:.4f} -> "
+        f"{general['fine-tuned']:.4f}"
+    )
+    report = json.loads((work / "output" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["gate"]["passed"] is False and report["gate"]["reasons"] == [reasons[0][4:]]
+    assert not (work / "output" / "registry.jsonl").exists()
+    # The same model without the general set passes: the in-domain rules alone cannot see the loss.
+    code, out = run_eval(work, GENERAL_TEST_PATH="")
+    assert code == 0 and "gate: PASSED" in out and "general: not checked" in out
 
 
 def test_lora_adapter_checkpoint_loads_on_its_base(work, tiny_model, tmp_path_factory, run_eval):

@@ -712,6 +712,42 @@ def test_disk_full_leaves_earlier_outputs_undamaged(ev, work, models, tiny_model
     }  # no v0002 folder, no partial line
 
 
+@pytest.mark.parametrize("case", ["copy of the test split", "overlaps training", "overlaps test", "missing", "twice"])
+def test_general_set_that_is_not_general_is_refused_before_any_model_is_loaded(
+    ev, work, models, run_eval, monkeypatch, case
+):
+    splits = split_frames()
+    general_rows = [dict(zip(["Question", "Answer", "language"], row, strict=True)) for row in GENERAL_ROWS]
+    # The training data is the one in the lineage, not TRAIN_PATH: here it also holds two of the general set's rows.
+    pd.concat([splits["train"], pd.DataFrame(general_rows[:2])]).to_csv(
+        work / "data" / "lineage_train.csv", index=False
+    )
+    make_checkpoint(work, models["bow"], base=models["know_nothing"], train_csv="data/lineage_train.csv")
+    monkeypatch.setattr(ev, "load_model", lambda *args: pytest.fail("a model was loaded before the check"))
+    expected = {
+        "copy of the test split": "general set general/copy.csv is a copy (same sha256) of the test split "
+        "data/qa_test_set.csv; a general set holds questions from other domains",
+        "overlaps training": "general set general/geo.csv overlaps the training data data/lineage_train.csv: 2 of 8 "
+        "rows (25.0%) share a question or an answer (MAX_CONTAMINATION=1.0%); remove those rows",
+        "overlaps test": "general set general/geo.csv overlaps the test split data/qa_test_set.csv: 1 of 7 rows "
+        "(14.3%) share a question or an answer",
+        "missing": "general/nope.csv not found; fix GENERAL_TEST_PATH (comma-separated CSV paths)",
+        "twice": "GENERAL_TEST_PATH names two general sets called 'geo' (general/geo.csv, other/geo.csv)",
+    }[case]
+    paths = {"copy of the test split": "general/copy.csv", "missing": "general/geo.csv, general/nope.csv",
+             "twice": "general/geo.csv,other/geo.csv"}.get(case, "general/geo.csv")  # fmt: skip
+    rows = GENERAL_ROWS if case == "overlaps training" else GENERAL_ROWS[2:]  # without the two trained-on rows
+    write_general_set(work / "general" / "geo.csv", rows)
+    if case == "overlaps test":
+        with open(work / "general" / "geo.csv", "a", encoding="utf-8") as f:
+            f.write(f"{splits['test']['Question'].iloc[0]},{splits['test']['Answer'].iloc[0]},en\n")
+    write_general_set(work / "other" / "geo.csv", GENERAL_ROWS[2:])
+    shutil.copy(work / "data" / "qa_test_set.csv", work / "general" / "copy.csv")
+    with pytest.raises(ev.InputError) as error:
+        run_eval(work, GENERAL_TEST_PATH=paths)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
 def test_read_only_output_dir_is_a_one_line_error(ev, work, run_eval):
     (work / "output").mkdir()
@@ -747,3 +783,28 @@ def test_exit_codes_0_pass_1_blocked_2_bad_input(work, models, tiny_model):
     assert missing.stderr.strip().splitlines() == [
         "error: data/qa_test_set.csv not found; run split_data.py first or set its path (TEST_PATH, ...) in .env"
     ]
+
+
+@pytest.mark.parametrize("damage", ["missing column", "bad encoding", "the test split"])
+def test_general_set_bad_input_is_one_error_line_and_exit_2(work, models, damage):
+    make_checkpoint(work, models["bow"], base=models["know_nothing"])
+    path = write_general_set(work / "general" / "geo.csv")
+    if damage == "missing column":
+        path.write_text(path.read_text(encoding="utf-8").replace("Question,", "Frage,", 1), encoding="utf-8")
+    elif damage == "bad encoding":  # Excel's cp1252: "größte" is not UTF-8
+        path.write_bytes(path.read_text(encoding="utf-8").encode("cp1252"))
+    general_path = "data/../data/qa_test_set.csv" if damage == "the test split" else "general/geo.csv"
+    env = {"QUERY_PROMPT": "", "PASSAGE_PROMPT": "", "BOOTSTRAP_RESAMPLES": "200", "GENERAL_TEST_PATH": general_path}
+    result = run_script("eval.py", work, env)
+    expected = {
+        "missing column": r"error: general/geo\.csv has no Question column \(columns: \['Frage', 'Answer', "
+        r"'Language'\]\); name the columns Question and Answer in the first line",
+        "bad encoding": r"error: general/geo\.csv is not a readable UTF-8 CSV \('utf-8' codec can't decode byte 0xf6 "
+        r"in position \d+: invalid start byte\); save it as UTF-8 \(Excel: CSV UTF-8\)",
+        "the test split": r"error: general set data/\.\./data/qa_test_set\.csv is the same file as the test split "
+        r"data/qa_test_set\.csv; a general set holds questions from other domains: set GENERAL_TEST_PATH to such a CSV",
+    }[damage]
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.fullmatch(expected, line), line
+    assert "_cosine_" not in result.stdout and "general[" not in result.stdout  # refused before any model scored

@@ -413,10 +413,12 @@ def read_general_sets(s: SimpleNamespace, test: pd.DataFrame, lineage: dict | No
             if counts["leaked_fraction"] > s.MAX_CONTAMINATION:
                 raise InputError(
                     f"general set {path} overlaps the {kind} {other_path}: {counts['leaked_rows']} of "
-                    f"{counts['test_rows']} rows ({counts['leaked_fraction']:.1%}) share a question or an answer "
+                    f"{len(frame)} rows ({counts['leaked_fraction']:.1%}) share a question or an answer "
                     f"(MAX_CONTAMINATION={s.MAX_CONTAMINATION:.1%}); remove those rows from the general set"
                 )
-            overlaps[kind.split()[0]] = {"path": str(other_path)} | counts
+            overlaps[kind.split()[0]] = {"path": str(other_path)} | {
+                k: v for k, v in counts.items() if k != "test_rows"
+            }
         language = next((c for c in frame.columns if c.casefold() == s.LANGUAGE_COLUMN.casefold()), None)
         general_sets.append(
             {"name": name, "path": str(path), "sha256": sha256_of(path), "frame": frame, "language_column": language,

@@ -12,14 +12,20 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import unicodedata
+from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 from dotenv import load_dotenv
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 # --- Settings: edit here, or override any of them by name in .env or the environment ---
 DATA_DIR = "data"
@@ -33,6 +39,8 @@ PASSAGE_PROMPT = "passage: "
 NUM_TRAIN_EPOCHS = 3
 MAX_STEPS = 0  # optimizer-step budget (benchmarks compare runs at equal steps); 0 = train NUM_TRAIN_EPOCHS
 BATCH_SIZE = 24  # per device; every other answer in a batch is a negative, so bigger batches train harder
+LOSS_SCALE = 50.0  # 1 / temperature of the in-batch softmax; E5 was pre-trained at 0.01 (100), the recipe uses 20
+SYMMETRIC_LOSS = True  # also rank the batch's questions for each answer (MNRL directions query_to_doc + doc_to_query)
 LEARNING_RATE = 2e-5
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.1  # fraction of all steps with a rising learning rate
@@ -41,7 +49,10 @@ SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the best one is always kept on
 EARLY_STOPPING_PATIENCE = 0  # stop after N evaluations without a better validation NDCG@10; 0 = off
 SEED = 42
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
-NO_DUPLICATE_BATCHES = True  # no text twice in a batch: a duplicate answer would be a false negative
+NO_DUPLICATE_BATCHES = True  # no two rows of one split group in a batch (same answer, normalised question or
+# GROUP_COLUMN value): a translation or a paraphrase of the right answer would be scored as a wrong one
+MIX_WITH_BASE = True  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
+REQUIRE_VALIDATION_GAIN = True  # save no final model unless it beats the base model on validation (False: the recipe)
 RESUME = True  # continue a killed run from its last complete checkpoint; False = start fresh
 MINE_HARD_NEGATIVES = False  # add one mined hard negative per pair (base model, before training)
 HARD_NEGATIVE_MARGIN = 0.05  # a negative must score at least 5% below the positive (else likely a true answer)
@@ -54,10 +65,13 @@ LORA_LEARNING_RATE = 1e-4  # replaces LEARNING_RATE for LoRA: few fresh weights 
 MERGE_LORA = False  # also export the adapter merged into a full model, to OUTPUT_DIR/final/merged
 
 PRIMARY_METRIC = "validation_cosine_ndcg@10"
+MIX_WEIGHTS = (0.25, 0.5, 0.75)  # shares of fine-tuned weights tried between the base (0) and the best checkpoint (1)
 # Settings that change nothing about the optimisation itself: a run may resume when only these differ.
 NOT_IN_RUN_FINGERPRINT = {
     "RESUME",
     "MERGE_LORA",
+    "MIX_WITH_BASE",
+    "REQUIRE_VALIDATION_GAIN",
     "SAVE_TOTAL_LIMIT",
     "DATA_DIR",
     "TRAIN_PATH",
@@ -70,6 +84,10 @@ CPU_LINE = "No CUDA GPU found: training in fp32 on the CPU (fp16 needs CUDA)."
 
 class InputError(Exception):
     """Bad input the user can fix: printed as one `error:` line, exit code 2."""
+
+
+class NoImprovement(Exception):
+    """Training ran but nothing beat the base model on validation: a result, printed as is, exit code 1."""
 
 
 def main() -> None:
@@ -97,6 +115,7 @@ def main() -> None:
     validation = read_split(Path(s.VALIDATION_PATH), "validation")
     manifest_path = Path(s.SPLIT_MANIFEST_PATH)
     manifest = read_json(manifest_path)
+    group_column = ((manifest or {}).get("settings") or {}).get("GROUP_COLUMN") or None
     if is_main:
         print(
             f"training pairs: {len(train)} from {s.TRAIN_PATH}; validation pairs: {len(validation)} from "
@@ -111,8 +130,12 @@ def main() -> None:
     model = load_model(s.MODEL_NAME)
     model.prompts = {key: p for key, p in (("query", s.QUERY_PROMPT), ("document", s.PASSAGE_PROMPT)) if p}
     train_dataset = Dataset.from_dict({"anchor": list(train["Question"]), "positive": list(train["Answer"])})
+    validation_dataset = Dataset.from_dict(
+        {"anchor": list(validation["Question"]), "positive": list(validation["Answer"])}
+    )  # for the validation loss beside the training loss
     if s.MINE_HARD_NEGATIVES:
         train_dataset = mined_triplets(train_dataset, model, s, verbose=is_main)
+    base_weights = None if s.USE_LORA or not s.MIX_WITH_BASE else {k: v.clone() for k, v in model.state_dict().items()}
     if s.USE_LORA:
         from peft import LoraConfig, TaskType
 
@@ -124,12 +147,14 @@ def main() -> None:
     from sentence_transformers.sentence_transformer import losses
 
     # gather_across_devices: under torchrun every question also sees the answers of the other GPUs' batches.
+    directions = ("query_to_doc", "doc_to_query") if s.SYMMETRIC_LOSS else ("query_to_doc",)
+    loss_options = {"scale": s.LOSS_SCALE, "directions": directions, "gather_across_devices": world_size > 1}
     if s.CACHED_MINI_BATCH_SIZE > 0:
         loss = losses.CachedMultipleNegativesRankingLoss(
-            model, mini_batch_size=s.CACHED_MINI_BATCH_SIZE, gather_across_devices=world_size > 1
+            model, mini_batch_size=s.CACHED_MINI_BATCH_SIZE, **loss_options
         )
     else:
-        loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=world_size > 1)
+        loss = losses.MultipleNegativesRankingLoss(model, **loss_options)
     corpus_answers = pd.concat([train["Answer"], validation["Answer"]])
     evaluator = grouped_ir_evaluator(validation, corpus_answers, "validation", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
 
@@ -163,7 +188,13 @@ def main() -> None:
         fp16=fp16,
         use_cpu=not cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
         ddp_backend="gloo" if world_size > 1 and not cuda else None,
-        batch_sampler=BatchSamplers.NO_DUPLICATES if s.NO_DUPLICATE_BATCHES else BatchSamplers.BATCH_SAMPLER,
+        batch_sampler=(
+            partial(
+                grouped_batch_sampler, group_of_question=group_values_by_question([train, validation], group_column)
+            )
+            if s.NO_DUPLICATE_BATCHES
+            else BatchSamplers.BATCH_SAMPLER
+        ),
         prompts=training_prompts(s.QUERY_PROMPT, s.PASSAGE_PROMPT, train_dataset.column_names),
         eval_strategy="steps",
         eval_steps=eval_steps,
@@ -186,6 +217,7 @@ def main() -> None:
             for line in prepare_checkpoints(checkpoints_dir, fingerprint, s.RESUME, world_size):
                 print(line)
         resume_from = last_complete_checkpoint(checkpoints_dir, world_size)
+    args.eval_on_start = resume_from is None  # the base model's validation score, the bar every checkpoint must clear
 
     # 8. Train
     from sentence_transformers import SentenceTransformerTrainer
@@ -193,7 +225,13 @@ def main() -> None:
 
     callbacks = [EarlyStoppingCallback(s.EARLY_STOPPING_PATIENCE)] if s.EARLY_STOPPING_PATIENCE > 0 else []
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=validation_dataset,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=callbacks,
     )
     if is_main:
         print(
@@ -205,8 +243,20 @@ def main() -> None:
     if not is_main:
         return
 
-    # 9. Save the best model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
+    # 9. The result must beat the base model on validation: the best checkpoint or its best mix with the base
     best = trainer.state.best_model_checkpoint
+    base_score = validation_score_at_step(trainer.state.log_history, 0)
+    choice = best_mix_with_base(model, base_weights, evaluator, trainer.state.best_metric)
+    print(choice_line(base_score, best, choice))
+    if s.REQUIRE_VALIDATION_GAIN and base_score is not None and choice["score"] <= base_score:
+        mark_finished(checkpoints_dir, None)
+        raise NoImprovement(
+            f"result: no fine-tuned model beat the base model on validation NDCG@10 (base {base_score:.4f}, best "
+            f"{choice['score']:.4f}); nothing was saved as the final model: keep using {s.MODEL_NAME}, or add "
+            "training pairs, lower LEARNING_RATE or train fewer steps"
+        )
+
+    # 10. Save the chosen model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
     lineage = {
         "base_model": {
             "name": s.MODEL_NAME,
@@ -221,7 +271,10 @@ def main() -> None:
         "device": f"cuda:0 ({torch.cuda.get_device_name(0)})" if cuda else "cpu",
         "precision": "fp16" if fp16 else "fp32",
         "best_checkpoint": best,
-        "validation": best_validation_metrics(trainer.state.log_history, trainer.state.best_global_step),
+        "validation": choice["metrics"]
+        or best_validation_metrics(trainer.state.log_history, trainer.state.best_global_step),
+        "base_validation": base_score,
+        "mix_with_base": {"fine_tuned_share": choice["share"], "validation_scores": choice["tried"]},
         "lora": s.USE_LORA,
         "training": {
             "global_step": trainer.state.global_step,
@@ -253,7 +306,7 @@ def settings() -> SimpleNamespace:
     values = {
         name: env_value(name, value)
         for name, value in globals().items()
-        if name.isupper() and name not in {"PRIMARY_METRIC", "NOT_IN_RUN_FINGERPRINT", "CPU_LINE"}
+        if name.isupper() and name not in {"PRIMARY_METRIC", "MIX_WEIGHTS", "NOT_IN_RUN_FINGERPRINT", "CPU_LINE"}
     }
     data_dir = Path(values["DATA_DIR"])
     values["TRAIN_PATH"] = values["TRAIN_PATH"] or str(data_dir / "qa_training_set.csv")
@@ -385,6 +438,61 @@ def mined_triplets(pairs, model, s: SimpleNamespace, verbose: bool):
             f"({len(pairs) - len(triplets)} pairs without a negative that passes the margin are left out)"
         )
     return triplets
+
+
+def group_values_by_question(splits: list[pd.DataFrame], group_column: str | None) -> dict[str, str]:
+    """Question -> its GROUP_COLUMN value (e.g. the id a question shares with its translation); empty without one."""
+    if not group_column or any(group_column not in split.columns for split in splits):
+        return {}
+    return {q: g for split in splits for q, g in zip(split["Question"], split[group_column], strict=True)}
+
+
+def batch_groups(dataset, group_of_question: dict[str, str]) -> list[str]:
+    """Each row's split group, formed as split_data.py forms it, written as a value no question or answer can be."""
+    questions = pd.Series(dataset["anchor"])
+    group_values = questions.map(group_of_question).fillna("") if group_of_question else None
+    groups = group_ids(questions.map(normalised_question), pd.Series(dataset["positive"]), group_values)
+    return [f"\x1fsplit group {group}" for group in groups]
+
+
+def grouped_batch_sampler(dataset, group_of_question: dict[str, str], **sampler_options):
+    """sentence-transformers' NoDuplicatesBatchSampler over the rows plus their split group: no value, and so no
+    group, appears twice in a batch, and the first pass over the shuffled rows still yields every row once."""
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    groups = batch_groups(dataset, group_of_question)
+    return NoDuplicatesBatchSampler(dataset.add_column("split_group", groups), **sampler_options)
+
+
+@cache
+def punctuation_pattern() -> re.Pattern:
+    """Every Unicode punctuation character (categories Pc, Pd, Ps, Pe, Pi, Pf, Po)."""
+    characters = (chr(c) for c in range(sys.maxunicode + 1))
+    return re.compile("[" + "".join(re.escape(c) for c in characters if unicodedata.category(c)[0] == "P") + "]")
+
+
+def normalised_question(question: str) -> str:
+    """The question as near-duplicates share it: case-folded, punctuation removed, whitespace collapsed."""
+    key = " ".join(punctuation_pattern().sub("", question.casefold()).split())
+    return key or question.casefold()
+
+
+def group_ids(question_keys: pd.Series, answers: pd.Series, group_values: pd.Series | None) -> np.ndarray:
+    """Each row's group: connected components of rows linked by normalised question, answer or group value."""
+    question_codes, questions = pd.factorize(question_keys)
+    answer_codes, answer_texts = pd.factorize(answers)
+    sources, targets = [question_codes], [len(questions) + answer_codes]
+    nodes = len(questions) + len(answer_texts)
+    if group_values is not None:
+        group_codes, values = pd.factorize(group_values.where(group_values != ""))
+        has_group = group_codes >= 0
+        sources.append(question_codes[has_group])
+        targets.append(nodes + group_codes[has_group])
+        nodes += len(values)
+    sources, targets = np.concatenate(sources), np.concatenate(targets)
+    graph = coo_matrix((np.ones(len(sources), dtype=np.int8), (sources, targets)), shape=(nodes, nodes))
+    _, components = connected_components(graph, directed=False)
+    return pd.factorize(components[question_codes])[0]
 
 
 def training_prompts(query_prompt: str, passage_prompt: str, columns: list[str]) -> dict[str, str]:
@@ -592,6 +700,48 @@ def best_validation_metrics(log_history: list[dict], best_step: int | None) -> d
     return {}
 
 
+def validation_score_at_step(log_history: list[dict], step: int) -> float | None:
+    """The validation NDCG@10 logged at `step` (step 0: the base model, evaluated before the first step)."""
+    key = f"eval_{PRIMARY_METRIC}"
+    return next((entry[key] for entry in log_history if entry.get("step") == step and key in entry), None)
+
+
+def best_mix_with_base(model, base_weights: dict | None, evaluator, best_score: float) -> dict:
+    """Load into `model` whichever scores best on validation: the best checkpoint (share 1.0) or a mix of its weights
+    with the base's (WiSE-FT). Fine-tuning on a few thousand pairs moves the weights far in a few directions; part of
+    the way often keeps the gain and loses less of what the base model knew. Returns the share, its score, the
+    scores tried and (for a mix) its validation metrics."""
+    tried = {1.0: best_score}
+    if base_weights is None:
+        return {"share": 1.0, "score": best_score, "tried": tried, "metrics": None}
+    tuned = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    metrics = {}
+    for share in MIX_WEIGHTS:
+        model.load_state_dict(mixed_weights(base_weights, tuned, share))
+        metrics[share] = evaluator(model)
+        tried[share] = metrics[share][PRIMARY_METRIC]
+    share = max(tried, key=lambda k: (tried[k], k))  # on a tie, the larger share of the fine-tuned weights
+    model.load_state_dict(mixed_weights(base_weights, tuned, share))
+    return {"share": share, "score": tried[share], "tried": tried, "metrics": metrics.get(share)}
+
+
+def mixed_weights(base: dict, tuned: dict, share: float) -> dict:
+    """base + share * (tuned - base) for every floating-point tensor; integer buffers are taken from `tuned`."""
+    return {
+        name: base[name] + share * (tensor - base[name]) if tensor.is_floating_point() else tensor
+        for name, tensor in tuned.items()
+    }
+
+
+def choice_line(base_score: float | None, best_checkpoint: str | None, choice: dict) -> str:
+    tried = ", ".join(f"{share:g}: {score:.4f}" for share, score in sorted(choice["tried"].items()) if share < 1)
+    base = "not evaluated (resumed run)" if base_score is None else f"{base_score:.4f}"
+    line = f"validation NDCG@10: base {base} | best checkpoint {choice['tried'][1.0]:.4f} ({best_checkpoint})"
+    if tried:
+        line += f" | mixed with the base (share of fine-tuned weights: score) {tried}"
+    return line + f"; kept share {choice['share']:g}"
+
+
 def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], merge_lora: bool) -> Path:
     """Write the model to a temporary folder, then swap it in as OUTPUT_DIR/final; an earlier final is renamed to
     final-<its finished_at>, never deleted. A kill at any point leaves the earlier final readable."""
@@ -637,16 +787,21 @@ def save_training_curve(log_history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    scores = [
-        (entry["step"], entry[f"eval_{PRIMARY_METRIC}"]) for entry in log_history if f"eval_{PRIMARY_METRIC}" in entry
-    ]
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(entry["step"], entry[key]) for entry in log_history if key in entry]
+
     figure, (loss_axis, score_axis) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
-    if losses:
-        loss_axis.plot(*zip(*losses, strict=True), marker=".")
-    loss_axis.set_ylabel("training loss")
-    if scores:
+    # Validation loss rising while training loss falls is overfitting; both flat and high is underfitting.
+    for key, label, style in (("loss", "training", "."), ("eval_loss", "validation", "o")):
+        if points := series(key):
+            loss_axis.plot(*zip(*points, strict=True), marker=style, label=label)
+    loss_axis.set_ylabel("MNRL loss")
+    loss_axis.legend()
+    if scores := series(f"eval_{PRIMARY_METRIC}"):
         score_axis.plot(*zip(*scores, strict=True), marker="o", color="tab:green")
+        if scores[0][0] == 0:
+            score_axis.axhline(scores[0][1], color="grey", linestyle="--", label="base model (step 0)")
+            score_axis.legend()
     score_axis.set_ylabel("validation NDCG@10")
     score_axis.set_xlabel("step")
     figure.suptitle("Training curve")
@@ -661,3 +816,6 @@ if __name__ == "__main__":
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NoImprovement as e:
+        print(e)
+        sys.exit(1)

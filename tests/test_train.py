@@ -26,7 +26,9 @@ def load_train():
 train = load_train()
 
 
-FAST = {"OMP_NUM_THREADS": "1"}  # a 2-layer model trains faster on one thread than on two shared cores
+# A 2-layer model trains faster on one thread than on two shared cores, and a random one needs bigger steps than a
+# pre-trained one to beat its own start on validation (train.py saves nothing that does not).
+FAST = {"OMP_NUM_THREADS": "1", "LEARNING_RATE": "3e-4"}
 
 
 def write_splits(folder: Path, manifest: bool = True) -> Path:
@@ -271,6 +273,7 @@ def test_lora_adapter_is_small_loads_and_merged_model_matches(tiny_model, tmp_pa
         "USE_LORA": "1",
         "MERGE_LORA": "1",
         **FAST,
+        "LORA_LEARNING_RATE": "3e-3",
     }
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -329,7 +332,7 @@ def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
             "MODEL_NAME": str(tiny_model),
             "BATCH_SIZE": "4",
             "NUM_TRAIN_EPOCHS": "2",
-            "OMP_NUM_THREADS": "1",
+            **FAST,
         }
     )
     command = [
@@ -398,3 +401,64 @@ def test_grouped_evaluator_gives_one_document_per_distinct_answer():
         "q3": {"c"},
     }
     assert evaluator.query_prompt == "query: " and evaluator.corpus_prompt is None
+
+
+def translation_pairs(pairs: int = 30) -> pd.DataFrame:
+    """`pairs` questions in English and German, each with its own answer, a question and its translation sharing an
+    id; every 5th id also shares its English answer with the next id's, and every 7th question is asked twice
+    (differing only in case and punctuation), so all three kinds of link are present."""
+    rows = []
+    for i in range(pairs):
+        shared = f"answer en {i - 1}" if i % 5 == 1 else f"answer en {i}"
+        rows.append({"Question": f"Question {i}?", "Answer": shared, "id": f"id{i}"})
+        rows.append({"Question": f"Frage {i}?", "Answer": f"Antwort de {i}", "id": f"id{i}"})
+        if i % 7 == 0:
+            rows.append({"Question": f"question {i}", "Answer": f"answer en {i} again", "id": ""})
+    return pd.DataFrame(rows)
+
+
+def sampled_batches(frame: pd.DataFrame, group_column: str | None, seed: int) -> tuple[list[list[int]], list[str]]:
+    import torch
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"anchor": list(frame["Question"]), "positive": list(frame["Answer"])})
+    sampler = train.grouped_batch_sampler(
+        dataset,
+        train.group_values_by_question([frame], group_column),
+        batch_size=8,
+        drop_last=False,
+        generator=torch.Generator(),
+        seed=seed,
+    )
+    groups = train.batch_groups(dataset, train.group_values_by_question([frame], "id"))
+    return list(sampler), groups
+
+
+def test_grouped_batches_never_hold_two_rows_of_one_group_and_use_every_row_once():
+    frame = translation_pairs()
+    expected_groups = pd.Series(range(len(frame))).groupby(frame["id"].where(frame["id"] != "")).ngroups
+    for seed in range(5):
+        batches, groups = sampled_batches(frame, "id", seed)
+        assert len(set(groups)) < expected_groups  # shared answers and near-duplicate questions merge some ids
+        for batch in batches:
+            assert len({groups[i] for i in batch}) == len(batch), f"seed {seed}: a group twice in {batch}"
+        assert sorted(i for batch in batches for i in batch) == list(range(len(frame)))  # each row exactly once
+    # Without the group column only identical texts are kept apart, and translations do meet in a batch:
+    # the check above would catch that.
+    plain = [sampled_batches(frame, None, seed) for seed in range(5)]
+    assert any(len({groups[i] for i in batch}) < len(batch) for batches, groups in plain for batch in batches)
+
+
+def test_a_run_that_only_gets_worse_saves_nothing_and_says_so(trained, tmp_path):
+    # The base is the end-to-end run's fine-tuned model, validated on the pairs it was trained on, so it starts far
+    # above chance; a learning rate of 1 wrecks it.
+    base = trained[0] / "output" / "final"
+    data = write_splits(tmp_path)
+    env = {"MODEL_NAME": str(base), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST, "LEARNING_RATE": "1"}
+    env["VALIDATION_PATH"] = str(data / "qa_training_set.csv")
+    result = run_script("train.py", tmp_path, env)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "result: no fine-tuned model beat the base model on validation NDCG@10" in result.stdout
+    assert "nothing was saved as the final model" in result.stdout
+    assert not (tmp_path / "output" / "final").exists()
+    assert json.loads((tmp_path / "output" / "checkpoints" / "run.json").read_text())["finished_at"]

@@ -107,10 +107,11 @@ def main() -> int:
     # the same, without BM25, for each general set (scored by the same two model objects).
     for line in metric_lines("test", scores, evaluator.score_function_names[0]):  # "cosine" for these models
         print(line)
+    per_query = {k: per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC)
+                 for k in rankings}  # fmt: skip
     bootstrap = {"metric": s.PRIMARY_METRIC} | bootstrap_report(
-        *(per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC) for k in rankings),
-        s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED,
-    )  # fmt: skip
+        per_query["base"], per_query["finetuned"], per_query["bm25"], s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED
+    )
     print(verdict_line(s.PRIMARY_METRIC, bootstrap))
     bm25, finetuned = scores["all"]["bm25"][s.PRIMARY_METRIC], scores["all"]["finetuned"][s.PRIMARY_METRIC]
     if bm25 > finetuned:
@@ -144,6 +145,11 @@ def main() -> int:
         "metrics": scores["all"],
         "by_language": by_language(scopes, scores),
         "bootstrap": bootstrap,
+        # the primary metric per test query (what the bootstrap resamples), for benchmarks that pool runs
+        "per_query": {
+            qid: {"base": float(base), "finetuned": float(tuned), "language": query_languages[qid]}
+            for qid, base, tuned in zip(evaluator.queries_ids, per_query["base"], per_query["finetuned"], strict=True)
+        },
         "contamination": contamination,
         "general": general,
         "registry": None,

@@ -433,6 +433,12 @@ def test_gate_passes_for_an_honestly_trained_model_and_registers_it(work, models
     assert set(report["by_language"]["de"]) == {"queries", "base", "finetuned", "bm25"}
     assert report["contamination"]["leaked_rows"] == 0
     assert report["bootstrap"]["verdict"] == "improved"
+    per_query = report["per_query"]  # the bootstrap's per-query primary metric, with each query's language
+    assert len(per_query) == report["queries"]
+    assert {q["language"] for q in per_query.values()} == {"en", "de"}
+    for system in ("base", "finetuned"):
+        mean = sum(q[system] for q in per_query.values()) / len(per_query)
+        assert mean == pytest.approx(report["metrics"][system]["ndcg@10"], abs=1e-9)
     assert (work / "output" / "eval_report.png").read_bytes().startswith(b"\x89PNG")
     assert "gate: **PASSED**" in (work / "output" / "eval_report.md").read_text(encoding="utf-8")
 

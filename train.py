@@ -39,7 +39,7 @@ PASSAGE_PROMPT = "passage: "
 NUM_TRAIN_EPOCHS = 3
 MAX_STEPS = 0  # optimizer-step budget (benchmarks compare runs at equal steps); 0 = train NUM_TRAIN_EPOCHS
 BATCH_SIZE = 24  # per device; every other answer in a batch is a negative, so bigger batches train harder
-LOSS_SCALE = 50.0  # 1 / temperature of the in-batch softmax; E5 was pre-trained at 0.01 (100), the recipe uses 20
+LOSS_SCALE = 100.0  # 1 / temperature of the in-batch softmax: E5's own pre-training value; the recipe's 20 is too soft
 SYMMETRIC_LOSS = True  # also rank the batch's questions for each answer (MNRL directions query_to_doc + doc_to_query)
 LEARNING_RATE = 2e-5
 WEIGHT_DECAY = 0.01
@@ -51,7 +51,7 @@ SEED = 42
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
 NO_DUPLICATE_BATCHES = True  # no two rows of one split group in a batch (same answer, normalised question or
 # GROUP_COLUMN value): a translation or a paraphrase of the right answer would be scored as a wrong one
-MIX_WITH_BASE = True  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
+MIX_WITH_BASE = False  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
 REQUIRE_VALIDATION_GAIN = True  # save no final model unless it beats the base model on validation (False: the recipe)
 RESUME = True  # continue a killed run from its last complete checkpoint; False = start fresh
 MINE_HARD_NEGATIVES = False  # add one mined hard negative per pair (base model, before training)

@@ -26,9 +26,9 @@ def load_train():
 train = load_train()
 
 
-# A 2-layer model trains faster on one thread than on two shared cores, and a random one needs bigger steps than a
-# pre-trained one to beat its own start on validation (train.py saves nothing that does not).
-FAST = {"OMP_NUM_THREADS": "1", "LEARNING_RATE": "3e-4"}
+# A 2-layer model trains faster on one thread than on two shared cores. Whether a random one beats its own start on
+# 2 validation answers is luck, so these runs save their result either way (the rule has a test of its own).
+FAST = {"OMP_NUM_THREADS": "1", "REQUIRE_VALIDATION_GAIN": "false"}
 
 
 def write_splits(folder: Path, manifest: bool = True) -> Path:
@@ -273,7 +273,6 @@ def test_lora_adapter_is_small_loads_and_merged_model_matches(tiny_model, tmp_pa
         "USE_LORA": "1",
         "MERGE_LORA": "1",
         **FAST,
-        "LORA_LEARNING_RATE": "3e-3",
     }
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -310,6 +309,7 @@ def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
         "HARD_NEGATIVE_MAX_SCORE": "1.0",
         "WANDB_MODE": "offline",
         "WANDB_PROJECT": "train-test",
+        "MIX_WITH_BASE": "1",
         **FAST,
     }
     result = run_script("train.py", tmp_path, env)
@@ -320,6 +320,20 @@ def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     lineage = json.loads((tmp_path / "output" / "final" / "lineage.json").read_text())
     assert lineage["settings"]["CACHED_MINI_BATCH_SIZE"] == 2 and lineage["training"]["tracking"] == "wandb"
+    mix = lineage["mix_with_base"]
+    assert set(mix["validation_scores"]) == {"0.25", "0.5", "0.75", "1.0"}  # JSON keys
+    assert mix["validation_scores"][str(mix["fine_tuned_share"])] == max(mix["validation_scores"].values())
+    assert "| mixed with the base (share of fine-tuned weights: score) 0.25: " in result.stdout
+
+
+def test_mixed_weights_move_floats_part_of_the_way_and_keep_integer_buffers():
+    import torch
+
+    base = {"weight": torch.tensor([0.0, 2.0]), "position_ids": torch.tensor([0, 1])}
+    tuned = {"weight": torch.tensor([4.0, 2.0]), "position_ids": torch.tensor([0, 1])}
+    mixed = train.mixed_weights(base, tuned, 0.25)
+    assert torch.equal(mixed["weight"], torch.tensor([1.0, 2.0]))
+    assert mixed["position_ids"].dtype == torch.int64 and torch.equal(mixed["position_ids"], tuned["position_ids"])
 
 
 def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
@@ -455,7 +469,7 @@ def test_a_run_that_only_gets_worse_saves_nothing_and_says_so(trained, tmp_path)
     base = trained[0] / "output" / "final"
     data = write_splits(tmp_path)
     env = {"MODEL_NAME": str(base), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST, "LEARNING_RATE": "1"}
-    env["VALIDATION_PATH"] = str(data / "qa_training_set.csv")
+    env |= {"VALIDATION_PATH": str(data / "qa_training_set.csv"), "REQUIRE_VALIDATION_GAIN": "true"}
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "result: no fine-tuned model beat the base model on validation NDCG@10" in result.stdout

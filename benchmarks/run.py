@@ -121,7 +121,7 @@ def main() -> None:
     models = {"e5-small": {"path": e5_small_folder(args.model), "prompts": {}}}  # the project's default prompts
     if args.minilm:
         models["minilm"] = {"path": minilm_folder(), "prompts": {"QUERY_PROMPT": "", "PASSAGE_PROMPT": ""}}
-    datasets = {name: DATASETS[name] for name in mode["datasets"]}
+    datasets = {name: DATASETS[name] for name in (args.datasets.split(",") if args.datasets else mode["datasets"])}
     for spec in datasets.values():
         if not spec["path"].is_file():
             raise InputError(f"{spec['path']} not found (the benchmarks read it from there)")
@@ -180,6 +180,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="XQuAD only, 1 seed, 40 steps: ~12 minutes on 2 cores")
     parser.add_argument("--model", help=f"the multilingual-e5-small folder (default: E5_SMALL_DIR or {E5_SMALL_DIR})")
     parser.add_argument("--minilm", action="store_true", help="add all-MiniLM-L6-v2 on XQuAD (one seed, no prompts)")
+    parser.add_argument("--datasets", choices=("xquad", "sample", "xquad,sample"), help="instead of the mode's")
     parser.add_argument("--seeds", type=int, help="training seeds 42, 43, ... (default: 3, quick: 1)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps per training run, every dataset (smoke tests)")
     return parser.parse_args()

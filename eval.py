@@ -6,47 +6,359 @@ bootstrap, and the gate's decision. Exit code: 0 = the gate passed, 1 = blocked 
 A passing model is copied into OUTPUT_DIR/registry/v<NNNN>/ and appended to OUTPUT_DIR/registry.jsonl.
 """
 
+import codecs
+import contextlib
 import datetime as dt
+import difflib
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
+import tokenize
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 
-# --- Settings: edit here, or override any of them by name in .env or the environment ---
-DATA_DIR = "data"
+# --- Settings: edit here, or override any of them by name in .env or the environment (`--help` lists them) ---
+DATA_DIR = "data"  # the folder of the three splits
 TRAIN_PATH = ""  # "" -> DATA_DIR/qa_training_set.csv
 VALIDATION_PATH = ""  # "" -> DATA_DIR/qa_validation_set.csv
 TEST_PATH = ""  # "" -> DATA_DIR/qa_test_set.csv
-OUTPUT_DIR = "output"
+OUTPUT_DIR = "output"  # train.py's output folder: the checkpoint, the reports and the registry
 CHECKPOINT_PATH = ""  # "" -> OUTPUT_DIR/final, what train.py saved last
-MODEL_NAME = "intfloat/multilingual-e5-base"
+MODEL_NAME = "intfloat/multilingual-e5-base"  # the base model when lineage.json names none (as in train.py)
 BASE_MODEL_NAME = ""  # "" -> the base model in the checkpoint's lineage.json, else MODEL_NAME
 QUERY_PROMPT = "query: "  # E5's prefixes; set both to "" for models trained without prompts
-PASSAGE_PROMPT = "passage: "
+PASSAGE_PROMPT = "passage: "  # ... the answers' prefix (the line above is the questions')
 CORPUS_SCOPE = "all"  # "all": every distinct answer of the three splits, as a production index; "test": the recipe's
 GROUP_IDENTICAL_ANSWERS = True  # False: the recipe's one corpus id per row (an identical copy of the answer is a miss)
 LANGUAGE_COLUMN = "language"  # metrics per language when the test split has this column
-BATCH_SIZE = 32
-PRIMARY_METRIC = "ndcg@10"
+BATCH_SIZE = 32  # texts per encoding batch
+PRIMARY_METRIC = "ndcg@10"  # the metric of the verdict and the gate
 MIN_IMPROVEMENT = 0.01  # the fine-tuned model must beat the base model by at least this on PRIMARY_METRIC
 MAX_LANGUAGE_DROP = 0.01  # ... and no language may lose more than this on PRIMARY_METRIC
 MAX_CONTAMINATION = 0.01  # largest fraction of test rows allowed to share a question or answer with training
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 42
+BOOTSTRAP_RESAMPLES = 1000  # resamples of the paired bootstrap behind the verdict's 95% interval
+BOOTSTRAP_SEED = 42  # seeds the bootstrap, so the same scores give the same interval
 REPORT_METRICS = "ndcg@10,mrr@10,accuracy@1"  # the bar chart's panels and the per-language tables of eval_report.md
+
+# What the settings block below allows: a rule per setting ('>0', '>=1', '[0,1)', '(0,1)', 'a|b', 'nonempty'; every
+# float must be finite), checks across settings, the paths "" fills in, and the paths that must be different files.
+LIMITS = {
+    "DATA_DIR": "nonempty",
+    "OUTPUT_DIR": "nonempty",
+    "MODEL_NAME": "nonempty",
+    "CORPUS_SCOPE": "all|test",
+    "BATCH_SIZE": ">0",
+    "PRIMARY_METRIC": "nonempty",
+    "MIN_IMPROVEMENT": "[0,1]",
+    "MAX_LANGUAGE_DROP": "[0,1]",
+    "MAX_CONTAMINATION": "[0,1]",
+    "BOOTSTRAP_RESAMPLES": ">=1",
+    "BOOTSTRAP_SEED": ">=0",
+}
+CHECKS = []
+DERIVED_PATHS = {
+    "TRAIN_PATH": ("DATA_DIR", "qa_training_set.csv"),
+    "VALIDATION_PATH": ("DATA_DIR", "qa_validation_set.csv"),
+    "TEST_PATH": ("DATA_DIR", "qa_test_set.csv"),
+    "CHECKPOINT_PATH": ("OUTPUT_DIR", "final"),
+}
+DISTINCT_PATHS = ("TRAIN_PATH", "VALIDATION_PATH", "TEST_PATH")
+
+# --- settings block (identical in split_data.py, train.py, eval.py) ---
+# The constants at the top are the settings: this block reads them from .env and the environment by each constant's
+# type, fills in the empty paths of DERIVED_PATHS, refuses what LIMITS, CHECKS and DISTINCT_PATHS do not allow, answers
+# --help and locks the output folder. It is copied on purpose, since the scripts share nothing but files on disk:
+# tests/test_hostile.py fails when the three copies differ, so edit one and copy it to the other two.
+ALL_SETTINGS = frozenset(
+    "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE CHECKPOINT_PATH "  # noqa: SIM905
+    "CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GROUP_COLUMN GROUP_IDENTICAL_ANSWERS "
+    "HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE LORA_ALPHA LORA_LEARNING_RATE "
+    "LORA_RANK MAX_CONTAMINATION MAX_LANGUAGE_DROP MAX_STEPS MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT "
+    "MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT "
+    "REPORT_METRICS RESUME SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH TEST_FRACTION TEST_PATH TRAIN_PATH "
+    "USE_LORA VALIDATION_FRACTION VALIDATION_PATH WARMUP_RATIO WEIGHT_DECAY".split()
+)  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
+LIBRARY_VARIABLES = (
+    "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TOKENIZERS_", "DATASETS_",
+    "ACCELERATE_", "CUDA_", "CUDNN_", "PYTORCH_", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUBLAS_", "NCCL_",
+    "GLOO_", "NVIDIA_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PYTHON", "TQDM_", "MPL",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_", "CURL_CA_BUNDLE", "LC_",
+    "LANG", "TZ", "TMPDIR", "XDG_", "PATH", "HOME",
+)  # fmt: skip  # prefixes of variables the libraries and Python read: .env may set them without a warning
+LOCK_FILE, LOCK_HOLDER_FILE = ".lock", ".lock-holder.json"  # in the locked folder; removed when the run ends
+run_started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+held_locks: dict = {}  # folder -> this process's FileLock on it
 
 
 class InputError(Exception):
-    """Bad input a user can fix: printed as one `error: ` line, exit code 2."""
+    """Bad input the user can fix: printed as one `error: ...` line, exit code 2."""
+
+
+def settings() -> SimpleNamespace:
+    """The constants at the top, each overridden by the environment variable of its name or its line in .env (the
+    environment wins), parsed by the constant's type and checked against LIMITS, CHECKS and DISTINCT_PATHS."""
+    from_dotenv = dotenv_names()
+    values = {
+        name: checked_value(name, default, os.environ.get(name), setting_source(name, from_dotenv))
+        for name, default in setting_defaults().items()
+    }
+    for name, (folder, file_name) in DERIVED_PATHS.items():
+        values[name] = values[name] or os.path.join(values[folder], file_name)
+    for names, holds, allowed in CHECKS:
+        if not holds(values):
+            shown = " and ".join(f"{name}={values[name]!r}" for name in names)
+            raise InputError(f"{shown} do not go together: {allowed}; change them in .env or the environment")
+    seen = {}
+    for name in DISTINCT_PATHS:
+        other = seen.setdefault(Path(values[name]).resolve(), name)
+        if other != name:
+            raise InputError(
+                f"{other}={values[other]!r} and {name}={values[name]!r} are the same file; one would overwrite the "
+                f"other, so set them to different files"
+            )
+    return SimpleNamespace(**values)
+
+
+def setting_comments() -> dict[str, str]:
+    """Each setting's name and comment, in order: the `NAME = value  # comment` lines from the `# --- Settings`
+    line at the top of this file to the first blank line after it."""
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("# --- Settings")) + 1
+    end = next((number for number in range(start, len(lines)) if not lines[number].strip()), len(lines))
+    comments, name = {}, None
+    for token in tokenize.generate_tokens(io.StringIO("\n".join(lines[start:end]) + "\n").readline):
+        if token.type == tokenize.NAME and token.start[1] == 0:
+            name = token.string
+            comments[name] = ""
+        elif token.type == tokenize.COMMENT and name:
+            comments[name] = token.string.lstrip("#").strip()
+    return comments
+
+
+def setting_defaults() -> dict:
+    """Each setting's value as the constant at the top of this file sets it."""
+    return {name: globals()[name] for name in setting_comments()}
+
+
+def setting_source(name: str, from_dotenv: set[str]) -> str:
+    if name in from_dotenv:
+        return "from .env"
+    return "from the environment" if name in os.environ else f"the constant in {Path(__file__).name}"
+
+
+def parsed_value(raw: str, default):
+    """`raw` as the type of `default` (yes/no words for a bool), or None when it is not one."""
+    if isinstance(default, bool):
+        words = {"1": True, "true": True, "yes": True, "on": True}
+        words |= {"0": False, "false": False, "no": False, "off": False}
+        return words.get(raw.strip().lower())
+    if not isinstance(default, int | float):
+        return raw
+    try:
+        return type(default)(raw.strip())
+    except ValueError:
+        return None
+
+
+def allowed_values(default, rule: str) -> str:
+    """What a LIMITS rule allows, in words: '>0' for an int is 'a whole number above 0'."""
+    kind = (
+        "true or false (or 1/0, yes/no, on/off)" if isinstance(default, bool)
+        else "a whole number" if isinstance(default, int)
+        else "a finite number" if isinstance(default, float)
+        else "a text"
+    )  # fmt: skip
+    if "|" in rule:
+        return "one of " + ", ".join(repr(choice) for choice in rule.split("|"))
+    if rule == "nonempty":
+        return "a non-empty text"
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = interval[2], interval[3]
+        if interval[1] == "[":
+            return f"{kind} from {low} to " + (high if interval[4] == "]" else f"below {high}")
+        return f"{kind} above {low} and " + (f"at most {high}" if interval[4] == "]" else f"below {high}")
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        words = {">": "above", ">=": "of at least", "<": "below", "<=": "of at most"}
+        return f"{kind} {words[bound[1]]} {bound[2]}"
+    return kind
+
+
+def within(value, rule: str) -> bool:
+    """Whether `value` keeps a LIMITS rule: '>0', '>=1', '[0,1)', '(0,1)', 'all|test', 'nonempty' or '' (any);
+    a float must be finite in any case."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if "|" in rule:
+        return value in rule.split("|")
+    if rule == "nonempty":
+        return bool(str(value).strip())
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = float(interval[2]), float(interval[3])
+        above = value >= low if interval[1] == "[" else value > low
+        return above and (value <= high if interval[4] == "]" else value < high)
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        limit = float(bound[2])
+        return {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[bound[1]]
+    return True
+
+
+def checked_value(name: str, default, raw: str | None, source: str):
+    """The setting's value: `raw` parsed by the type of `default` (or `default` when unset), if LIMITS allows it."""
+    value = default if raw is None else parsed_value(raw, default)
+    rule = LIMITS.get(name, "")
+    if value is None or not within(value, rule):
+        allowed = allowed_values(default, rule)
+        raise InputError(
+            f"{name}={default if raw is None else raw!r} ({source}) is not {allowed} (the default is {default!r}); "
+            f"fix it in .env or the environment"
+        )
+    return value
+
+
+def dotenv_names(path: str = ".env") -> set[str]:
+    """Put the lines of .env into the environment where it has no value yet, and return the names it set. .env may be
+    UTF-8 (with or without BOM) or UTF-16 or UTF-32 with a BOM. A name that no script and no library reads is
+    warned about: a typo such as BATCHSIZE=64 would otherwise change nothing without a word."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}; make it a readable file or remove it") from None
+    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]  # fmt: skip
+    encoding = next((name for bom, name in boms if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+        if "\x00" in text:
+            raise UnicodeDecodeError(encoding, raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path} is not readable as {encoding} ({error.reason} at byte {error.start}); save it as UTF-8 text"
+        ) from None
+    values = dotenv_values(stream=io.StringIO(text))
+    for name in values:
+        if name not in ALL_SETTINGS and not name.upper().startswith(LIBRARY_VARIABLES):
+            close = difflib.get_close_matches(name.upper(), ALL_SETTINGS, n=1)
+            print(
+                f"warning: {path} sets {name}, which is not a setting of split_data.py, train.py or eval.py"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + "; it changes nothing"
+            )
+    new = {name for name, value in values.items() if value is not None and name not in os.environ}
+    load_dotenv(stream=io.StringIO(text))
+    return new
+
+
+def help_text() -> str:
+    """The module's docstring (what the script reads and writes), then every setting: its value in effect and where
+    that comes from, its default, its comment and what is allowed."""
+    script = Path(__file__).name
+    lines = [
+        (__doc__ or "").strip(),
+        "",
+        f"Settings are the constants at the top of {script}; override any of them by name in .env or the environment",
+        f"(NAME=value python {script}). Each: its value in effect (source; default), its comment [what is allowed].",
+        "",
+    ]
+    from_dotenv = dotenv_names()
+    for name, comment in setting_comments().items():
+        default, raw = globals()[name], os.environ.get(name)
+        rule = LIMITS.get(name, "")
+        value = default if raw is None else parsed_value(raw, default)
+        if raw is None:
+            shown = f"{default!r}  (default)"
+        elif value is None or not within(value, rule):
+            shown = f"{raw!r}  ({setting_source(name, from_dotenv)}, NOT VALID; default {default!r})"
+        else:
+            shown = f"{value!r}  ({setting_source(name, from_dotenv)}; default {default!r})"
+        lines += [f"  {name} = {shown}", f"      {comment or '(no comment)'} [{allowed_values(default, rule)}]"]
+    return "\n".join(lines)
+
+
+def lock_folders(folders: list[str]) -> None:
+    """Lock each output folder for this run until the process ends: a side file names the holder (pid, start time),
+    a second run is refused with one line naming it. The OS drops the lock of a process that dies, so a killed run's
+    lock is taken over. Under torchrun only rank 0 locks. The locks are released by release_locks()."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from filelock import FileLock, Timeout
+
+    release_locks()  # those of an earlier main() in this process (tests call main() directly)
+    for folder in dict.fromkeys(folders):
+        lock, holder_file = FileLock(os.path.join(folder, LOCK_FILE)), Path(folder, LOCK_HOLDER_FILE)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock.acquire(blocking=False)
+        except Timeout:
+            raise InputError(
+                f"{folder} is in use by another run ({lock_holder(holder_file)}); wait for it to end or stop it, or "
+                f"point this run at another folder"
+            ) from None
+        except OSError as error:
+            raise InputError(f"cannot lock {folder}: {error.strerror}; make it a writable folder") from None
+        held_locks[folder] = lock
+        if holder_file.exists():
+            print(f"lock: {folder} was locked by a run that ended without releasing it ({lock_holder(holder_file)})")
+        holder = {"script": Path(__file__).name, "pid": os.getpid(), "started_at": run_started_at}
+        holder_file.write_text(json.dumps(holder) + "\n", encoding="utf-8")
+
+
+def lock_holder(holder_file: Path) -> str:
+    """The holder named in a lock's side file, as words."""
+    try:
+        holder = json.loads(holder_file.read_text(encoding="utf-8"))
+        return f"{holder['script']}, pid {holder['pid']}, started {holder['started_at']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown: {holder_file} is missing or unreadable"
+
+
+def release_locks() -> None:
+    """Remove the lock files while still holding them (filelock retries a removed file), then release the locks."""
+    for folder, lock in list(held_locks.items()):
+        for name in (LOCK_HOLDER_FILE, LOCK_FILE):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+        lock.release()
+        del held_locks[folder]
+
+
+def run(main) -> None:
+    """The script as a command: `--help` (or `-h`) prints the help; another argument is refused, since settings are
+    constants and environment variables; else main(). An InputError is one `error:` line and exit code 2."""
+    code = 0
+    try:
+        if sys.argv[1:] in (["--help"], ["-h"]):
+            print(help_text())
+        elif sys.argv[1:]:
+            script = Path(__file__).name
+            raise InputError(
+                f"unknown argument {sys.argv[1]!r}: {script} takes no arguments but --help; its settings are the "
+                f"constants at the top of {script}, overridden by name in .env or the environment "
+                f"(NAME=value python {script})"
+            )
+        else:
+            code = main() or 0
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    finally:
+        release_locks()
+    sys.exit(code)
+
+
+# --- end of settings block ---
 
 
 def main() -> int:
@@ -161,40 +473,6 @@ def main() -> int:
         report["registry"] = register(checkpoint, Path(s.OUTPUT_DIR), lineage, report)
     write_reports(Path(s.OUTPUT_DIR), report)
     return 0 if not reasons else 1
-
-
-def settings() -> SimpleNamespace:
-    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
-    load_dotenv(".env")
-    values = {name: env_value(name, value) for name, value in globals().items() if name.isupper()}
-    data_dir = values["DATA_DIR"]
-    values["TRAIN_PATH"] = values["TRAIN_PATH"] or os.path.join(data_dir, "qa_training_set.csv")
-    values["VALIDATION_PATH"] = values["VALIDATION_PATH"] or os.path.join(data_dir, "qa_validation_set.csv")
-    values["TEST_PATH"] = values["TEST_PATH"] or os.path.join(data_dir, "qa_test_set.csv")
-    values["CHECKPOINT_PATH"] = values["CHECKPOINT_PATH"] or os.path.join(values["OUTPUT_DIR"], "final")
-    if values["CORPUS_SCOPE"] not in ("all", "test"):
-        raise InputError(f"CORPUS_SCOPE={values['CORPUS_SCOPE']!r} is not valid; set it to 'all' or 'test'")
-    if values["BOOTSTRAP_RESAMPLES"] < 1:
-        raise InputError("BOOTSTRAP_RESAMPLES must be at least 1; set e.g. BOOTSTRAP_RESAMPLES=1000")
-    return SimpleNamespace(**values)
-
-
-def env_value(name: str, default):
-    """The environment's value for `name`, parsed by the type of the default."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if isinstance(default, bool):
-        if raw.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.strip().lower() in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"{name}={raw!r} is not a boolean; set it to true or false (1/0, yes/no, on/off)")
-    try:
-        return type(default)(raw.strip()) if isinstance(default, int | float) else raw
-    except ValueError:
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise InputError(f"{name}={raw!r} is not {kind}; set it like {name}={default}") from None
 
 
 def ensure_writable(output_dir: Path) -> None:
@@ -768,8 +1046,4 @@ def report_markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -599,7 +599,10 @@ def test_exit_codes_0_pass_1_blocked_2_bad_input(work, models, tiny_model):
     (work / "data" / "qa_test_set.csv").unlink()
     bad = run_script("eval.py", work, env | {"MIN_IMPROVEMENT": "a lot"})
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: MIN_IMPROVEMENT='a lot' is not a number; set it like MIN_IMPROVEMENT=0.01"
+    assert bad.stderr.strip() == (
+        "error: MIN_IMPROVEMENT='a lot' (from the environment) is not a finite number from 0 to 1 (the default is "
+        "0.01); fix it in .env or the environment"
+    )
     missing = run_script("eval.py", work, env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [

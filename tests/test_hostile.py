@@ -601,3 +601,189 @@ def test_eval_checkpoint_with_missing_or_corrupt_weights_is_a_clear_error(pipeli
 def test_eval_checkpoint_with_corrupt_weights_prints_exactly_one_stderr_line(pipeline, tmp_path, monkeypatch, capsys):
     work = damaged_checkpoint(pipeline, tmp_path / "work", "corrupt")
     assert_one_line_error(run_eval_main(work, monkeypatch, capsys), "error: cannot load model 'output/final': ")
+
+
+# --- settings (issue 11): one block in three scripts, every value checked before the slow imports ----------------
+
+SCRIPTS = ("split_data.py", "train.py", "eval.py")
+BLOCK_START = "# --- settings block (identical in split_data.py, train.py, eval.py) ---\n"
+BLOCK_END = "# --- end of settings block ---\n"
+# Runs a script as `python <script> [args]` does, then records whether the slow libraries were imported.
+IMPORT_PROBE = r"""
+import atexit, json, os, runpy, sys
+
+slow = ("torch", "sentence_transformers", "transformers")
+atexit.register(lambda: open(os.environ["PROBE"], "w").write(json.dumps([m for m in slow if m in sys.modules])))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def load_script(script: str):
+    spec = importlib.util.spec_from_file_location(f"{script[:-3]}_settings", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_probed(script: str, cwd: Path, env: dict[str, str], *args: str):
+    """Run `python <script> <args>` in `cwd` (as run_script does); the result and the slow modules it imported."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB") and k not in SETTING_NAMES}
+    full_env.update({"HF_HUB_OFFLINE": "1", "PROBE": str(cwd.parent / f"{cwd.name}.probe"), **env})
+    command = [sys.executable, "-c", IMPORT_PROBE, str(REPO / script), *args]
+    result = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    return result, json.loads((cwd.parent / f"{cwd.name}.probe").read_text())
+
+
+def test_the_three_settings_blocks_are_byte_identical():
+    blocks = []
+    for script in SCRIPTS:
+        text = (REPO / script).read_text(encoding="utf-8")
+        assert text.count(BLOCK_START) == 1 and text.count(BLOCK_END) == 1, script
+        blocks.append(text[text.index(BLOCK_START) : text.index(BLOCK_END) + len(BLOCK_END)])
+    assert len(blocks[0].splitlines()) > 100  # the whole block, not just its markers
+    assert blocks[0] == blocks[1] == blocks[2]
+
+
+def test_the_block_knows_every_setting_of_the_three_scripts_and_each_has_a_comment_and_valid_rules():
+    modules = {script: load_script(script) for script in SCRIPTS}
+    names = set()
+    for script, module in modules.items():
+        comments = module.setting_comments()
+        assert comments and all(comments.values()), (script, [n for n, c in comments.items() if not c])
+        assert list(comments) == [n for n in vars(module) if n in comments]  # in the order of the file
+        for name in [*module.LIMITS, *module.DERIVED_PATHS, *module.DISTINCT_PATHS]:
+            assert name in comments, (script, name)  # a rule for a setting that does not exist is a typo
+        for name, rule in module.LIMITS.items():
+            assert module.within(module.setting_defaults()[name], rule), (script, name)  # each default is allowed
+            assert module.allowed_values(module.setting_defaults()[name], rule) != "a text" or not rule
+        names |= set(comments)
+    assert names == modules["train.py"].ALL_SETTINGS  # the block's literal list is the truth
+
+
+BAD_SETTINGS = {
+    "split-validation-fraction-0": ("split_data.py", {"VALIDATION_FRACTION": "0"},
+                                    "VALIDATION_FRACTION='0' (from the environment) is not a finite number above 0 "
+                                    "and below 1"),
+    "split-test-fraction-nan": ("split_data.py", {"TEST_FRACTION": "nan"}, "TEST_FRACTION='nan'"),
+    "split-fractions-sum-1": ("split_data.py", {"VALIDATION_FRACTION": "0.5", "TEST_FRACTION": "0.5"},
+                              "VALIDATION_FRACTION=0.5 and TEST_FRACTION=0.5 do not go together: their sum must stay "
+                              "below 1"),
+    "split-seed-not-whole": ("split_data.py", {"SEED": "4.5"}, "SEED='4.5' (from the environment) is not a whole "
+                                                               "number"),
+    "split-bool": ("split_data.py", {"SCRUB_PII": "perhaps"}, "SCRUB_PII='perhaps' (from the environment) is not true "
+                                                                "or false"),
+    "train-batch-size-0": ("train.py", {"BATCH_SIZE": "0"}, "BATCH_SIZE='0' (from the environment) is not a whole "
+                                                            "number above 0 (the default is 24)"),
+    "train-batch-size-negative": ("train.py", {"BATCH_SIZE": "-4"}, "BATCH_SIZE='-4'"),
+    "train-learning-rate-inf": ("train.py", {"LEARNING_RATE": "inf"}, "LEARNING_RATE='inf' (from the environment) is "
+                                                                      "not a finite number above 0"),
+    "train-learning-rate-nan": ("train.py", {"LEARNING_RATE": "NaN"}, "LEARNING_RATE='NaN'"),
+    "train-learning-rate-negative": ("train.py", {"LEARNING_RATE": "-2e-5"}, "LEARNING_RATE='-2e-5'"),
+    "train-epochs-0": ("train.py", {"NUM_TRAIN_EPOCHS": "0"}, "NUM_TRAIN_EPOCHS=0 and MAX_STEPS=0 do not go together"),
+    "train-eval-steps-0": ("train.py", {"EVAL_STEPS": "0"}, "EVAL_STEPS='0' (from the environment) is not a whole "
+                                                            "number of at least 1"),
+    "train-max-steps-negative": ("train.py", {"MAX_STEPS": "-1"}, "MAX_STEPS='-1'"),
+    "train-warmup-ratio-1": ("train.py", {"WARMUP_RATIO": "1"}, "WARMUP_RATIO='1' (from the environment) is not a "
+                                                                "finite number from 0 to below 1"),
+    "train-lora-rank-0": ("train.py", {"LORA_RANK": "0"}, "LORA_RANK='0'"),
+    "train-same-split-twice": ("train.py", {"VALIDATION_PATH": "data/./qa_training_set.csv"},
+                               "TRAIN_PATH='data/qa_training_set.csv' and VALIDATION_PATH='data/./qa_training_set.csv' "
+                               "are the same file"),
+    "eval-max-contamination-nan": ("eval.py", {"MAX_CONTAMINATION": "nan"}, "MAX_CONTAMINATION='nan' (from the "
+                                                                            "environment) is not a finite number from "
+                                                                            "0 to 1"),
+    "eval-min-improvement-inf": ("eval.py", {"MIN_IMPROVEMENT": "-inf"}, "MIN_IMPROVEMENT='-inf'"),
+    "eval-language-drop-negative": ("eval.py", {"MAX_LANGUAGE_DROP": "-0.1"}, "MAX_LANGUAGE_DROP='-0.1'"),
+    "eval-bootstrap-0": ("eval.py", {"BOOTSTRAP_RESAMPLES": "0"}, "BOOTSTRAP_RESAMPLES='0'"),
+    "eval-corpus-scope": ("eval.py", {"CORPUS_SCOPE": "everything"}, "CORPUS_SCOPE='everything' (from the "
+                                                                     "environment) is not one of 'all', 'test'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "env", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_before_any_slow_import_and_writes_nothing(tmp_path, script, env, message):
+    work = tmp_path / "work"
+    write_input(work, csv_bytes(BASE))
+    before = snapshot(work)
+    result, slow_imports = run_probed(script, work, env)
+    assert_one_line_error(result, f"error: {message}")
+    assert slow_imports == []
+    assert snapshot(work) == before
+
+
+def test_dotenv_in_utf16_or_with_bom_is_read_and_a_typo_in_it_is_warned_about(tmp_path):
+    work = tmp_path / "work"
+    write_input(work, csv_bytes(BASE))
+    dotenv = "SEED=7\nBATCHSIZE=64\nLEARNING_RATE=1e-4\nWANDB_PROJECT=qa\nHF_HOME=/tmp/hf\nTEST_FRACTION=0.2\n"
+    for encoding in ("utf-16", "utf-8-sig", "utf-16-be", "utf-32"):
+        (work / ".env").write_bytes(dotenv.encode(encoding) if encoding != "utf-16-be" else b"\xfe\xff" +
+                                    dotenv.encode(encoding))  # fmt: skip
+        result = run_script("split_data.py", work)
+        assert result.returncode == 0, (encoding, result.stderr)
+        assert "  SEED = 7" in result.stdout and "  TEST_FRACTION = 0.2" in result.stdout, encoding
+        warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+        # LEARNING_RATE is train.py's, WANDB_ and HF_ are the libraries': only the typo is warned about.
+        assert warnings == [
+            "warning: .env sets BATCHSIZE, which is not a setting of split_data.py, train.py or eval.py (did you "
+            "mean BATCH_SIZE?); it changes nothing"
+        ], encoding
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfeS\x00=\x00\x00\xd8", "error: .env is not readable as utf-16 (unexpected end of data at byte 6)"),
+        (b"SEED=\xe9\n", "error: .env is not readable as utf-8 (invalid continuation byte at byte 5)"),
+        ("SEED=7\n".encode("utf-16-le"), "error: .env is not readable as utf-8 (NUL byte at byte 1)"),
+    ],
+    ids=["utf16-cut-in-a-surrogate", "latin-1", "utf16-without-bom"],
+)
+def test_undecodable_dotenv_is_one_line(tmp_path, content, message):
+    write_input(tmp_path, csv_bytes(BASE))
+    (tmp_path / ".env").write_bytes(content)
+    before = snapshot(tmp_path)
+    for script in SCRIPTS:
+        assert_one_line_error(run_script(script, tmp_path), message)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_default_current_value_and_comment_and_writes_nothing(tmp_path, script):
+    work = tmp_path / "work"
+    write_input(work, csv_bytes(BASE))
+    (work / ".env").write_text("SEED=7\nBOOTSTRAP_SEED=7\n", encoding="utf-8")
+    listing = sorted(str(p.relative_to(work)) for p in work.rglob("*"))  # folders too
+    before = snapshot(work)
+    module = load_script(script)
+    for flag in ("--help", "-h"):
+        result, slow_imports = run_probed(script, work, {"BATCH_SIZE": "0"}, flag)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert slow_imports == []
+        lines = result.stdout.splitlines()
+        assert lines[0] == module.__doc__.strip().splitlines()[0]  # what it reads and writes comes first
+        for name, comment in module.setting_comments().items():
+            (line,) = [number for number, line in enumerate(lines) if line.startswith(f"  {name} = ")]
+            assert lines[line + 1].startswith(f"      {comment} [")
+        seed = "BOOTSTRAP_SEED" if script == "eval.py" else "SEED"
+        assert f"  {seed} = 7  (from .env; default 42)" in lines
+        if "BATCH_SIZE" in module.setting_comments():  # the current value, even an invalid one, is shown as such
+            default = module.BATCH_SIZE
+            assert f"  BATCH_SIZE = '0'  (from the environment, NOT VALID; default {default})" in lines
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == listing
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_any_other_argument_is_one_line_and_writes_nothing(tmp_path, script):
+    write_input(tmp_path, csv_bytes(BASE))
+    before = snapshot(tmp_path)
+    for args in (["--batch-size", "64"], ["BATCH_SIZE=64"], ["--help", "extra"]):
+        result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert_one_line_error(
+            result, f"error: unknown argument {args[0]!r}: {script} takes no arguments but --help; its settings are "
+            f"the constants at the top of {script}, overridden by name in .env or the environment"
+        )  # fmt: skip
+    assert snapshot(tmp_path) == before

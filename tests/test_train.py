@@ -108,7 +108,9 @@ def test_settings_parse_by_type_and_reject_bad_values(monkeypatch, tmp_path):
     assert (s.BATCH_SIZE, s.USE_LORA, s.LEARNING_RATE) == (7, True, 1e-4)
     assert Path(s.TRAIN_PATH) == Path("mydata") / "qa_training_set.csv"
     monkeypatch.setenv("BATCH_SIZE", "seven")
-    with pytest.raises(train.InputError, match="BATCH_SIZE='seven' is not a whole number"):
+    with pytest.raises(
+        train.InputError, match=r"BATCH_SIZE='seven' \(from the environment\) is not a whole number above 0"
+    ):
         train.settings()
     monkeypatch.setenv("BATCH_SIZE", "7")
     monkeypatch.setenv("RESUME", "maybe")

@@ -60,7 +60,7 @@ LIMITS = {
     "CORPUS_SCOPE": "all|test",
     "BATCH_SIZE": ">0",
     "PRIMARY_METRIC": "nonempty",
-    "MIN_IMPROVEMENT": "[0,1]",
+    "MIN_IMPROVEMENT": "[-1,1]",  # below 0: the fine-tuned model may lose that much (a smaller or faster model)
     "MAX_LANGUAGE_DROP": "[0,1]",
     "MAX_CONTAMINATION": "[0,1]",
     "BOOTSTRAP_RESAMPLES": ">=1",
@@ -74,6 +74,8 @@ DERIVED_PATHS = {
     "CHECKPOINT_PATH": ("OUTPUT_DIR", "final"),
 }
 DISTINCT_PATHS = ("TRAIN_PATH", "VALIDATION_PATH", "TEST_PATH")
+# How pandas, R, SQL and Excel exports write a missing value (as in split_data.py): such a group id links nothing.
+missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
 
 # --- settings block (identical in split_data.py, train.py, eval.py) ---
 # The constants at the top are the settings: this block reads them from .env and the environment by each constant's
@@ -128,6 +130,12 @@ def settings() -> SimpleNamespace:
                 f"other, so set them to different files"
             )
     return SimpleNamespace(**values)
+
+
+def print_settings(s: SimpleNamespace) -> None:
+    print("settings:")
+    for name, value in vars(s).items():
+        print(f"  {name} = {value}")
 
 
 def setting_comments() -> dict[str, str]:
@@ -362,16 +370,75 @@ def run(main) -> None:
 
 
 def main() -> int:
+    # 1. Settings; the output folder is writable and locked for this run; the registry is readable (before scoring).
     s = settings()
-    print("settings:")
-    for name, value in vars(s).items():
-        print(f"  {name} = {value}")
-    ensure_writable(Path(s.OUTPUT_DIR))
+    print_settings(s)
+    output_dir, checkpoint = Path(s.OUTPUT_DIR), Path(s.CHECKPOINT_PATH)
+    ensure_writable(output_dir)
+    lock_folders([s.OUTPUT_DIR])
+    registry = read_registry(output_dir / "registry.jsonl")
 
-    # 1. The checkpoint, its lineage and the base model it was trained from.
-    checkpoint = Path(s.CHECKPOINT_PATH)
+    # 2. The checkpoint, its lineage and the base model it was trained from.
+    lineage, base_name = checkpoint_lineage_and_base(checkpoint, output_dir, s)
+
+    # 3. The test queries and the corpus they search, built the way train.py builds its validation evaluator.
+    test = read_split(Path(s.TEST_PATH))
+    queries, corpus, relevant_docs, query_languages = ir_inputs(
+        test, corpus_frames(s, test), s.GROUP_IDENTICAL_ANSWERS, s.LANGUAGE_COLUMN
+    )
+    print(f"test: {len(test)} rows, {len(queries)} queries; corpus ({s.CORPUS_SCOPE}): {len(corpus)} documents")
+
+    # 4. Contamination: did the test set leak into the training data behind this checkpoint?
+    contamination = contamination_report(test, lineage, checkpoint, Path(s.TEST_PATH))
+    print_contamination(contamination)
+
+    # 5. Score base, fine-tuned and BM25 on the same queries and corpus; the same evaluator for both models.
+    evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
+    if s.PRIMARY_METRIC not in metric_names(evaluator):
+        raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
+    # The checkpoint loads first: a broken one should fail at once, not after the base model was scored.
+    models = {
+        "finetuned": load_model(str(checkpoint), "CHECKPOINT_PATH"),
+        "base": load_model(base_name, "BASE_MODEL_NAME"),
+    }
+    rankings = {system: model_rankings(evaluator, models[system]) for system in ("base", "finetuned")}
+    rankings["bm25"] = bm25_rankings(evaluator)
+    scopes = query_scopes(evaluator.queries_ids, query_languages, s.LANGUAGE_COLUMN)
+    scores = {scope: {k: metrics_of(evaluator, r, qids) for k, r in rankings.items()} for scope, qids in scopes.items()}
+
+    # 6. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric.
+    print_metric_lines(scores, evaluator.score_function_names[0])  # the models' similarity, "cosine" for these
+    bootstrap = verdict_bootstrap(rankings, relevant_docs, evaluator.queries_ids, scores, s)
+
+    # 7. The gate fails closed: NaN or inf anywhere blocks, and every reason to block is printed, not just the first.
+    reasons = non_finite_reasons(models, rankings, scores) + gate_reasons(scores, contamination, s)
+    print("gate: PASSED" if not reasons else "gate: BLOCKED")
+    for reason in reasons:
+        print(f"  - {reason}")
+
+    # 8. Keep the result: lineage (history), reports (the latest evaluation), and last the registry (what may ship),
+    #    so that a failure on the way leaves no half-registered version.
+    report = evaluation_report(s, base_name, len(corpus), scopes, scores, bootstrap, contamination, reasons)
+    inside_registry = Path(s.OUTPUT_DIR, "registry").resolve() in checkpoint.resolve().parents
+    append_evaluation(checkpoint, lineage, report, inside_registry)
+    plan = registration_plan(checkpoint, output_dir, registry) if not reasons and not inside_registry else None
+    report["registry"] = plan and {key: plan[key] for key in ("version", "path", "new")}
+    write_reports(output_dir, report)
+    if plan:
+        register(plan, checkpoint, output_dir, lineage, report)
+    return 0 if not reasons else 1
+
+
+def checkpoint_lineage_and_base(checkpoint: Path, output_dir: Path, s: SimpleNamespace) -> tuple[dict | None, str]:
+    """The checkpoint's lineage.json (None for a model trained elsewhere) and the name of its base model; warns when
+    the prompts differ from the ones it was trained with."""
     if not checkpoint.is_dir():
-        raise InputError(f"checkpoint {checkpoint} not found; {existing_checkpoints_hint(Path(s.OUTPUT_DIR))}")
+        raise InputError(f"checkpoint {checkpoint} not found; {existing_checkpoints_hint(output_dir)}")
+    if checkpoint.resolve() == output_dir.resolve() or checkpoint.resolve() in output_dir.resolve().parents:
+        raise InputError(
+            f"CHECKPOINT_PATH={str(checkpoint)!r} holds OUTPUT_DIR={str(output_dir)!r}, where the reports and the "
+            f"registry are written; set CHECKPOINT_PATH to the model folder (e.g. {output_dir / 'final'})"
+        )
     lineage = read_lineage(checkpoint)
     base_name = s.BASE_MODEL_NAME or (lineage or {}).get("base_model", {}).get("name") or s.MODEL_NAME
     print(f"checkpoint: {checkpoint}" + (" (LoRA adapter, loaded on its base)" if (lineage or {}).get("lora") else ""))
@@ -381,72 +448,66 @@ def main() -> int:
         trained = trained_settings.get(name)
         if trained is not None and trained != vars(s)[name]:
             print(f"warning: the model was trained with {name}={trained!r} but is scored with {vars(s)[name]!r}")
+    return lineage, base_name
 
-    # 2. The test queries and the corpus they search, built the way train.py builds its validation evaluator.
-    test = read_split(Path(s.TEST_PATH))
-    corpus_paths = [Path(s.TRAIN_PATH), Path(s.VALIDATION_PATH), Path(s.TEST_PATH)]
-    corpus_frames = [read_split(path) for path in corpus_paths] if s.CORPUS_SCOPE == "all" else [test]
-    queries, corpus, relevant_docs, query_languages = ir_inputs(
-        test, corpus_frames, s.GROUP_IDENTICAL_ANSWERS, s.LANGUAGE_COLUMN
-    )
-    print(f"test: {len(test)} rows, {len(queries)} queries; corpus ({s.CORPUS_SCOPE}): {len(corpus)} documents")
 
-    # 3. Contamination: did the test set leak into the training data behind this checkpoint?
-    contamination = contamination_report(test, lineage, checkpoint, Path(s.TEST_PATH))
-    print_contamination(contamination)
+def corpus_frames(s: SimpleNamespace, test: pd.DataFrame) -> list[pd.DataFrame]:
+    """The splits whose answers form the corpus: all three (CORPUS_SCOPE=all), or the test split only."""
+    if s.CORPUS_SCOPE == "test":
+        return [test]
+    return [read_split(Path(path)) for path in (s.TRAIN_PATH, s.VALIDATION_PATH, s.TEST_PATH)]
 
-    # 4. Score base, fine-tuned and BM25 on the same queries and corpus; the same evaluator for both models.
-    evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
-    if s.PRIMARY_METRIC not in metric_names(evaluator):
-        raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
-    # The checkpoint loads first: a broken one should fail at once, not after the base model was scored.
-    finetuned_model = load_model(str(checkpoint), "CHECKPOINT_PATH")
-    base_model = load_model(base_name, "BASE_MODEL_NAME")
-    rankings = {
-        "base": model_rankings(evaluator, base_model),
-        "finetuned": model_rankings(evaluator, finetuned_model),
-        "bm25": bm25_rankings(evaluator),
-    }
+
+def query_scopes(query_ids: list[str], query_languages: dict, language_column: str) -> dict[str, list[str]]:
+    """The query ids to score: all of them, then those of each language."""
     languages = sorted(set(query_languages.values()) - {None})
     if not languages:
-        print(f"per language: the test split has no {s.LANGUAGE_COLUMN!r} column, so overall metrics only")
-    scopes = {"all": evaluator.queries_ids} | {
-        lang: [qid for qid in evaluator.queries_ids if query_languages[qid] == lang] for lang in languages
-    }
-    scores = {
-        scope: {system: metrics_of(evaluator, ranking, qids) for system, ranking in rankings.items()}
-        for scope, qids in scopes.items()
-    }
+        print(f"per language: the test split has no {language_column!r} column, so overall metrics only")
+    return {"all": query_ids} | {lang: [qid for qid in query_ids if query_languages[qid] == lang] for lang in languages}
 
-    # 5. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric.
-    score_function = evaluator.score_function_names[0]  # the models' similarity, "cosine" for these
+
+def print_metric_lines(scores: dict, score_function: str) -> None:
+    """The recipe's line per metric, overall and per language: base | fine-tuned | Δ | bm25."""
     for scope, systems in scores.items():
         prefix = "test" if scope == "all" else f"test_{scope}"
         for metric in systems["base"]:
-            print(metric_line(f"{prefix}_{score_function}_{metric}", *(systems[k][metric] for k in rankings)))
-    bootstrap = {"metric": s.PRIMARY_METRIC} | bootstrap_report(
-        *(per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC) for k in rankings),
-        s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED,
-    )  # fmt: skip
-    print(verdict_line(s.PRIMARY_METRIC, bootstrap))
-    bm25, finetuned = scores["all"]["bm25"][s.PRIMARY_METRIC], scores["all"]["finetuned"][s.PRIMARY_METRIC]
-    if bm25 > finetuned:
-        print(f"note: BM25 beats the fine-tuned model on {s.PRIMARY_METRIC} ({bm25:.4f} vs {finetuned:.4f})")
+            values = (systems[system][metric] for system in ("base", "finetuned", "bm25"))
+            print(metric_line(f"{prefix}_{score_function}_{metric}", *values))
 
-    # 6. The gate: every reason to block is printed, not just the first.
-    reasons = gate_reasons(scores, contamination, s)
-    print("gate: PASSED" if not reasons else "gate: BLOCKED")
-    for reason in reasons:
-        print(f"  - {reason}")
 
-    # 7. Keep the result: lineage (history), registry (what may ship), reports (the latest evaluation).
-    evaluated_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    report = {
-        "evaluated_at": evaluated_at,
-        "checkpoint": str(checkpoint),
+def non_finite_reasons(models: dict, rankings: dict, scores: dict) -> list[str]:
+    """Reasons to block for NaN or inf in the models' weights, their similarity scores or any metric: NaN compares
+    false with every threshold, so without these a broken model could pass the rules below."""
+    import torch
+
+    names = {"finetuned": "the fine-tuned model", "base": "the base model", "bm25": "BM25"}
+    reasons = []
+    for system, model in models.items():
+        tensors = [p for p in model.state_dict().values() if torch.is_floating_point(p)]
+        broken = sum(not bool(torch.isfinite(p).all()) for p in tensors)
+        if broken:
+            reasons.append(f"{names[system]} has NaN or inf in {broken} of {len(tensors)} weight tensors")
+    for system, ranking in rankings.items():
+        broken = sum(not all(math.isfinite(hit["score"]) for hit in hits) for hits in ranking.values())
+        if broken:
+            reasons.append(f"{names[system]} gives NaN or inf similarity scores for {broken} of {len(ranking)} queries")
+    for scope, systems in scores.items():
+        for system, metrics in systems.items():
+            bad = [metric for metric, value in metrics.items() if not math.isfinite(value)]
+            if bad:
+                reasons.append(f"{names[system]}'s {', '.join(bad)} on {scope} queries are not finite numbers")
+    return reasons
+
+
+def evaluation_report(s: SimpleNamespace, base_name: str, documents: int, scopes: dict, scores: dict, bootstrap: dict,
+                      contamination: dict, reasons: list[str]) -> dict:  # fmt: skip
+    """What eval_report.json records and lineage.json and the registry take their entries from."""
+    return {
+        "evaluated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "checkpoint": s.CHECKPOINT_PATH,
         "base_model": base_name,
-        "corpus": {"scope": s.CORPUS_SCOPE, "documents": len(corpus), "grouped": s.GROUP_IDENTICAL_ANSWERS},
-        "queries": len(evaluator.queries_ids),
+        "corpus": {"scope": s.CORPUS_SCOPE, "documents": documents, "grouped": s.GROUP_IDENTICAL_ANSWERS},
+        "queries": len(scopes["all"]),
         "settings": vars(s),
         "gate": {
             "passed": not reasons,
@@ -457,22 +518,11 @@ def main() -> int:
             "max_contamination": s.MAX_CONTAMINATION,
         },
         "metrics": scores["all"],
-        "by_language": {lang: {"queries": len(scopes[lang])} | scores[lang] for lang in languages},
+        "by_language": {lang: {"queries": len(scopes[lang])} | scores[lang] for lang in scopes if lang != "all"},
         "bootstrap": bootstrap,
         "contamination": contamination,
         "registry": None,
     }
-    inside_registry = Path(s.OUTPUT_DIR, "registry").resolve() in checkpoint.resolve().parents
-    if inside_registry:
-        print(f"registry: {checkpoint} is a registered version: its lineage.json and the registry stay unchanged")
-    elif lineage is None:
-        print(f"lineage: {checkpoint} has no lineage.json; this evaluation is kept in the reports only")
-    else:
-        append_evaluation(checkpoint, lineage, report)
-    if not reasons and not inside_registry:
-        report["registry"] = register(checkpoint, Path(s.OUTPUT_DIR), lineage, report)
-    write_reports(Path(s.OUTPUT_DIR), report)
-    return 0 if not reasons else 1
 
 
 def ensure_writable(output_dir: Path) -> None:
@@ -504,9 +554,28 @@ def read_lineage(checkpoint: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        lineage = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e}); restore it from the training run") from None
+    # The parts eval.py reads, and their types: valid JSON of another shape is as unusable as broken JSON.
+    shape = {"base_model": dict, "settings": dict, "data": dict, "evaluations": list, "lora": bool}
+    wrong = [
+        key
+        for key, kind in shape.items()
+        if isinstance(lineage, dict) and not isinstance(lineage.get(key, kind()), kind)
+    ]
+    data = lineage.get("data", {}) if isinstance(lineage, dict) else {}
+    wrong += [
+        f"data.{key}"
+        for key in ("train", "split_manifest")
+        if isinstance(data, dict) and not isinstance(data.get(key, {}), dict)
+    ]
+    if not isinstance(lineage, dict) or wrong:
+        what = ", ".join(wrong) if isinstance(lineage, dict) else f"a JSON {type(lineage).__name__}, not an object"
+        raise InputError(
+            f"{path} is not a lineage.json as train.py writes it ({what}); restore it from the training run"
+        )
+    return lineage
 
 
 def read_split(path: Path) -> pd.DataFrame:
@@ -538,6 +607,9 @@ def ir_inputs(
     identical copy of the right answer is the right answer. Ungrouped: the recipe's one id per row.
     Ids are zero-padded so that the evaluator's tie-break (ascending id) follows corpus order.
     """
+    # Found regardless of case and surrounding spaces, as split_data.py finds its columns.
+    wanted = language_column.strip().casefold()
+    language_column = next((c for c in test.columns if wanted and c.strip().casefold() == wanted), language_column)
     has_language = language_column in test.columns
     queries, relevant_docs, languages = {}, {}, {}
     if group:
@@ -582,21 +654,36 @@ def contamination_counts(test: pd.DataFrame, train: pd.DataFrame, group_column: 
         "shared_answers": int(answers.sum()),
     }
     if group_column and group_column in test.columns and group_column in train.columns:
-        test_groups = test[group_column].str.strip()
-        shared_groups = test_groups.ne("") & test_groups.isin(set(train[group_column].str.strip()))
+        test_groups = group_values(test[group_column])
+        shared_groups = test_groups.ne("") & test_groups.isin(set(group_values(train[group_column])))
         leaked |= shared_groups
         counts |= {"group_column": group_column, "shared_group_ids": int(shared_groups.sum())}
     return counts | {"leaked_rows": int(leaked.sum()), "leaked_fraction": float(leaked.mean())}
 
 
+def group_values(column: pd.Series) -> pd.Series:
+    """A GROUP_COLUMN's values stripped, with the markers of a missing value ("NULL", "NA", ...) as "": as in
+    split_data.py, they link nothing."""
+    values = column.str.strip()
+    return values.mask(values.str.casefold().isin(missing_markers), "")
+
+
 def split_group_column(lineage: dict) -> str | None:
     """The GROUP_COLUMN the training split was made with, from the split manifest named in the lineage."""
     manifest_path = ((lineage.get("data") or {}).get("split_manifest") or {}).get("path")
+    if not isinstance(manifest_path, str) or not manifest_path:
+        return None
     try:
-        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8")) if manifest_path else {}
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return (manifest.get("settings") or {}).get("GROUP_COLUMN") or None
+    settings = manifest.get("settings") if isinstance(manifest, dict) else None
+    if not isinstance(settings, dict) or not isinstance(settings.get("GROUP_COLUMN", ""), str):
+        raise InputError(
+            f"{manifest_path} (the split manifest named in lineage.json) is not a manifest as split_data.py writes it "
+            "(no settings object with a text GROUP_COLUMN); restore it, or rerun split_data.py and train.py"
+        )
+    return settings.get("GROUP_COLUMN") or None
 
 
 def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: Path, test_path: Path) -> dict:
@@ -608,7 +695,7 @@ def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: P
     if lineage is None:
         return {"checked": False, "warnings": [f"no lineage.json in {checkpoint}: contamination check skipped"]}
     train_info = lineage.get("data", {}).get("train", {})
-    if not train_info.get("path"):
+    if not isinstance(train_info.get("path"), str) or not train_info["path"]:
         raise InputError(f"{checkpoint / 'lineage.json'} has no data.train.path; restore it from the training run")
     train_path = Path(train_info["path"])
     if not train_path.is_file():
@@ -662,13 +749,13 @@ def load_model(name: str, setting: str):
     local = Path(name).exists()
     if not local and (os.path.isabs(name) or name.startswith((".", "~"))):
         raise InputError(f"model folder {name} not found; set {setting} in .env to an existing model folder")
+    adapter_config = Path(name, "adapter_config.json")
+    base = adapter_base_model(adapter_config) if adapter_config.is_file() else None
     try:
         return SentenceTransformer(name, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1" or local)
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        adapter_config = Path(name, "adapter_config.json")
-        if adapter_config.is_file():
-            base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base:
             raise InputError(
                 f"cannot load LoRA adapter {name!r}: {detail}; its base model {base!r} (base_model_name_or_path in "
                 f"{adapter_config}) must be a loadable model folder or hub name"
@@ -682,6 +769,23 @@ def load_model(name: str, setting: str):
             f"cannot load model {name!r}: no network or hub access ({detail}); set {setting} in .env to a local "
             "model folder"
         ) from None
+
+
+def adapter_base_model(adapter_config: Path) -> str:
+    """The base model a LoRA adapter names in its adapter_config.json."""
+    try:
+        config = json.loads(adapter_config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{adapter_config} is not valid JSON ({e}); restore the adapter from the training run"
+        ) from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise InputError(
+            f"{adapter_config} is not an adapter config as peft writes it (no base_model_name_or_path text); restore "
+            "the adapter from the training run"
+        )
+    return base
 
 
 def test_evaluator(queries: dict, corpus: dict, relevant_docs: dict, query_prompt: str, passage_prompt: str,
@@ -797,6 +901,20 @@ def per_query_scores(
     return np.array(values, dtype=float)
 
 
+def verdict_bootstrap(
+    rankings: dict, relevant_docs: dict, query_ids: list[str], scores: dict, s: SimpleNamespace
+) -> dict:
+    """The paired bootstrap of the primary metric's gain (printed as the verdict line), and a note when BM25 wins."""
+    metric = s.PRIMARY_METRIC
+    per_query = (per_query_scores(rankings[k], relevant_docs, query_ids, metric) for k in ("base", "finetuned", "bm25"))
+    bootstrap = {"metric": metric} | bootstrap_report(*per_query, s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED)
+    print(verdict_line(metric, bootstrap))
+    bm25, finetuned = scores["all"]["bm25"][metric], scores["all"]["finetuned"][metric]
+    if bm25 > finetuned:
+        print(f"note: BM25 beats the fine-tuned model on {metric} ({bm25:.4f} vs {finetuned:.4f})")
+    return bootstrap
+
+
 def paired_bootstrap_ci(base: np.ndarray, finetuned: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
     """95% interval of the mean per-query delta, resampling queries with replacement (both systems together)."""
     deltas = finetuned - base
@@ -835,8 +953,9 @@ def verdict_line(metric: str, bootstrap: dict) -> str:
 
 def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace) -> list[str]:
     """Every reason to block this model; empty means it passes."""
+    # Each rule is written as "not (value within its limit)", so that a NaN value blocks instead of passing.
     metric, reasons = s.PRIMARY_METRIC, []
-    if contamination["checked"] and contamination["leaked_fraction"] > s.MAX_CONTAMINATION:
+    if contamination["checked"] and not contamination["leaked_fraction"] <= s.MAX_CONTAMINATION:
         c = contamination
         reasons.append(
             f"the test set leaked into training: {c['leaked_rows']} of {c['test_rows']} test rows "
@@ -844,11 +963,11 @@ def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace) -> list[
             f"(MAX_CONTAMINATION={s.MAX_CONTAMINATION:.1%}); these scores are inflated, re-split and retrain"
         )
     delta = scores["all"]["finetuned"][metric] - scores["all"]["base"][metric]
-    if delta < s.MIN_IMPROVEMENT:
+    if not delta >= s.MIN_IMPROVEMENT:
         reasons.append(f"no gain: {metric} Δ={signed(delta)} over the base model, MIN_IMPROVEMENT={s.MIN_IMPROVEMENT}")
     for lang, systems in scores.items():
         drop = systems["base"][metric] - systems["finetuned"][metric]
-        if lang != "all" and drop > s.MAX_LANGUAGE_DROP:
+        if lang != "all" and not drop <= s.MAX_LANGUAGE_DROP:
             reasons.append(
                 f"language {lang} regressed: {metric} {systems['base'][metric]:.4f} -> "
                 f"{systems['finetuned'][metric]:.4f} (Δ={signed(-drop)}), MAX_LANGUAGE_DROP={s.MAX_LANGUAGE_DROP}"
@@ -873,8 +992,15 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise InputError(f"cannot write {path}: {e.strerror or e}; free disk space or fix permissions") from None
 
 
-def append_evaluation(checkpoint: Path, lineage: dict, report: dict) -> None:
-    """Add this evaluation to the checkpoint's lineage.json: its history of evaluations is never rewritten."""
+def append_evaluation(checkpoint: Path, lineage: dict | None, report: dict, inside_registry: bool) -> None:
+    """Add this evaluation to the checkpoint's lineage.json: its history of evaluations is never rewritten. A
+    registered version stays unchanged, and a model without lineage.json keeps this evaluation in the reports only."""
+    if inside_registry:
+        print(f"registry: {checkpoint} is a registered version: its lineage.json and the registry stay unchanged")
+        return
+    if lineage is None:
+        print(f"lineage: {checkpoint} has no lineage.json; this evaluation is kept in the reports only")
+        return
     keep = ("evaluated_at", "base_model", "corpus", "queries", "gate", "metrics", "by_language", "bootstrap")
     evaluation = {key: report[key] for key in keep} | {
         "contamination": {k: v for k, v in report["contamination"].items() if k != "warnings"}
@@ -892,23 +1018,34 @@ def model_fingerprint(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: dict) -> dict:
+def registration_plan(checkpoint: Path, output_dir: Path, entries: list[dict]) -> dict:
+    """The registry version of a passing model: the one it already has (the same model files passed before), or the
+    next free one. register() then makes it so."""
+    fingerprint = model_fingerprint(checkpoint)
+    for entry in entries:
+        if entry["model_sha256"] == fingerprint:
+            return {"version": entry["version"], "path": entry["path"], "new": False, "model_sha256": fingerprint}
+    numbers = [int(p.name[1:]) for p in (output_dir / "registry").glob("v[0-9]*") if p.name[1:].isdigit()]
+    numbers += [int(entry["version"][1:]) for entry in entries]
+    version = f"v{max(numbers, default=0) + 1:04d}"
+    return {
+        "version": version,
+        "path": str(output_dir / "registry" / version),
+        "new": True,
+        "model_sha256": fingerprint,
+    }
+
+
+def register(plan: dict, checkpoint: Path, output_dir: Path, lineage: dict | None, report: dict) -> None:
     """Copy a passing model to registry/v<NNNN>/ (read-only) and append one line to registry.jsonl.
 
     The registry is append-only: earlier lines are never rewritten, earlier versions never touched. The same model
     files passing again are not registered twice.
     """
-    registry_file = output_dir / "registry.jsonl"
-    entries = read_registry(registry_file)
-    fingerprint = model_fingerprint(checkpoint)
-    for entry in entries:
-        if entry.get("model_sha256") == fingerprint:
-            print(f"registry: this model is already registered as {entry['version']} ({entry['path']})")
-            return {"version": entry["version"], "path": entry["path"], "new": False}
-    numbers = [int(p.name[1:]) for p in (output_dir / "registry").glob("v[0-9]*") if p.name[1:].isdigit()]
-    numbers += [int(entry["version"][1:]) for entry in entries]
-    version = f"v{max(numbers, default=0) + 1:04d}"
-    target = output_dir / "registry" / version
+    if not plan["new"]:
+        print(f"registry: this model is already registered as {plan['version']} ({plan['path']})")
+        return
+    registry_file, version, target = output_dir / "registry.jsonl", plan["version"], Path(plan["path"])
     staging = output_dir / "registry" / f".{version}.tmp"
     try:
         shutil.rmtree(staging, ignore_errors=True)
@@ -919,18 +1056,22 @@ def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: d
         os.rename(staging, target)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"cannot copy {checkpoint} to {target}: {e.strerror or e}; free disk space") from None
+        raise InputError(
+            f"cannot copy {checkpoint} to {target}: {e.strerror or e}; free disk space (the reports name {version}, "
+            "which is not registered: rerun eval.py)"
+        ) from None
     lineage = lineage or {}
+    data = lineage.get("data") or {}
     entry = {
         "version": version,
         "path": str(target),
         "registered_at": report["evaluated_at"],
         "source": str(checkpoint),
-        "model_sha256": fingerprint,
+        "model_sha256": plan["model_sha256"],
         "lineage": {
             "base_model": report["base_model"],
-            "train_sha256": lineage.get("data", {}).get("train", {}).get("sha256"),
-            "test_sha256": lineage.get("data", {}).get("test_sha256"),
+            "train_sha256": (data.get("train") or {}).get("sha256"),
+            "test_sha256": data.get("test_sha256"),
             "git_commit": lineage.get("git_commit"),
             "finished_at": lineage.get("finished_at"),
             "lora": lineage.get("lora", False),
@@ -947,22 +1088,37 @@ def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: d
         except OSError as e:  # no torn last line, no version folder without its line
             f.truncate(size)
             shutil.rmtree(target, ignore_errors=True)
-            raise InputError(f"cannot append to {registry_file}: {e.strerror or e}; free disk space") from None
+            raise InputError(
+                f"cannot append to {registry_file}: {e.strerror or e}; free disk space (the reports name {version}, "
+                "which is not registered: rerun eval.py)"
+            ) from None
     print(f"registry: registered {version} at {target} (line appended to {registry_file})")
-    return {"version": version, "path": str(target), "new": True}
 
 
 def read_registry(registry_file: Path) -> list[dict]:
+    """registry.jsonl's entries, each checked to be an object with a version, a path and a model_sha256, so that a
+    damaged registry stops the run before the slow scoring."""
     if not registry_file.exists():
         return []
+    try:
+        text = registry_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {registry_file} ({e}); restore it from a backup (it is append-only)") from None
     entries = []
-    for number, line in enumerate(registry_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
+            entry = None
+        expected = {"version": r"v\d+", "path": r".+", "model_sha256": r"[0-9a-f]{64}"}
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(key), str) and re.fullmatch(pattern, entry[key]) for key, pattern in expected.items()
+        ):
             raise InputError(
-                f"{registry_file} line {number} is not valid JSON; restore the file from a backup (it is append-only)"
-            ) from None
+                f"{registry_file} line {number} is not a registry entry (a JSON object with a version like v0001, a "
+                "path and a model_sha256); restore the file from a backup (it is append-only)"
+            )
+        entries.append(entry)
     return entries
 
 

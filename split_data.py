@@ -120,6 +120,12 @@ def settings() -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
+def print_settings(s: SimpleNamespace) -> None:
+    print("settings:")
+    for name, value in vars(s).items():
+        print(f"  {name} = {value}")
+
+
 def setting_comments() -> dict[str, str]:
     """Each setting's name and comment, in order: the `NAME = value  # comment` lines from the `# --- Settings`
     line at the top of this file to the first blank line after it."""

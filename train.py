@@ -423,12 +423,13 @@ def main() -> None:
     output_dir, checkpoints_dir = Path(s.OUTPUT_DIR), Path(s.OUTPUT_DIR) / "checkpoints"
     if is_main:
         check_writable(output_dir)
+        lock_folders([s.OUTPUT_DIR])  # a second run in this folder would move this one's live checkpoints aside
 
     # 2. Data: the training and validation splits (the test split stays unopened for eval.py)
     train = read_split(Path(s.TRAIN_PATH), "training")
     validation = read_split(Path(s.VALIDATION_PATH), "validation")
     manifest_path = Path(s.SPLIT_MANIFEST_PATH)
-    manifest = read_json(manifest_path)
+    manifest = read_split_manifest(manifest_path)
     if is_main:
         print(
             f"training pairs: {len(train)} from {s.TRAIN_PATH}; validation pairs: {len(validation)} from "
@@ -524,6 +525,7 @@ def main() -> None:
     from transformers import EarlyStoppingCallback
 
     callbacks = [EarlyStoppingCallback(s.EARLY_STOPPING_PATIENCE)] if s.EARLY_STOPPING_PATIENCE > 0 else []
+    callbacks.append(stop_on_non_finite_loss())
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
     )
@@ -627,11 +629,31 @@ def read_split(path: Path, kind: str) -> pd.DataFrame:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is missing or unreadable."""
+    """A JSON object file's content, or None when it is missing or unreadable. Valid JSON of another shape (a list, a
+    number) is an InputError: it parses, but it is not the file that was written there."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(content, dict):
+        raise InputError(
+            f"'{path}' holds a JSON {type(content).__name__}, not the object train.py and split_data.py write there; "
+            "restore it or move it away"
+        )
+    return content
+
+
+def read_split_manifest(path: Path) -> dict | None:
+    """split_data.py's manifest (None when there is none), with the test split's sha256 that lineage.json records."""
+    manifest = read_json(path)
+    outputs = (manifest or {}).get("outputs", {})
+    test = outputs.get("test") if isinstance(outputs, dict) else None
+    if manifest is not None and not (isinstance(test, dict) and isinstance(test.get("sha256"), str)):
+        raise InputError(
+            f"split manifest '{path}' has no outputs.test.sha256, so it is not one split_data.py wrote; rerun "
+            "`python split_data.py` (or set SPLIT_MANIFEST_PATH)"
+        )
+    return manifest
 
 
 def load_model(name: str):
@@ -765,9 +787,10 @@ def prepare_checkpoints(checkpoints_dir: Path, fingerprint: dict, resume: bool, 
 
 
 def fingerprint_diff(previous: dict, fingerprint: dict) -> str:
-    old, new = previous.get("fingerprint") or {}, fingerprint
+    old, new = previous.get("fingerprint"), fingerprint
+    old = old if isinstance(old, dict) else {}
     changed = [key for key in ("train_sha256", "validation_sha256", "world_size") if old.get(key) != new.get(key)]
-    old_settings = old.get("settings") or {}
+    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
     changed += [name for name, value in new["settings"].items() if old_settings.get(name) != value]
     return "changed: " + ", ".join(changed) if changed else "unknown fingerprint format"
 
@@ -847,7 +870,7 @@ def data_lineage(
         "split_manifest": {"path": str(manifest_path), "sha256": sha256(manifest_path) if manifest else None},
         "train": {"path": s.TRAIN_PATH, "sha256": fingerprint["train_sha256"], "rows": train_rows},
         "validation": {"path": s.VALIDATION_PATH, "sha256": fingerprint["validation_sha256"], "rows": validation_rows},
-        "test_sha256": ((manifest or {}).get("outputs") or {}).get("test", {}).get("sha256"),
+        "test_sha256": manifest["outputs"]["test"]["sha256"] if manifest else None,  # checked by read_split_manifest
     }
 
 
@@ -891,6 +914,12 @@ def best_validation_metrics(log_history: list[dict], best_step: int | None) -> d
 def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], merge_lora: bool) -> Path:
     """Write the model to a temporary folder, then swap it in as OUTPUT_DIR/final; an earlier final is renamed to
     final-<its finished_at>, never deleted. A kill at any point leaves the earlier final readable."""
+    broken = non_finite_weights(model)
+    if broken:
+        raise InputError(
+            f"the trained model is broken ({broken}); it is not saved as final: lower LEARNING_RATE (or "
+            "LORA_LEARNING_RATE) and rerun"
+        )
     partial = output_dir / ".final-partial"
     if partial.exists():
         shutil.rmtree(partial)  # our own unfinished write from a killed run: never a usable model
@@ -903,13 +932,55 @@ def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], 
         write_json_atomic(partial / "merged" / "lineage.json", {**lineage, "lora": False, "merged_from_lora": True})
     final = output_dir / "final"
     if final.exists():
-        old = read_json(final / "lineage.json") or {}
+        try:
+            old = read_json(final / "lineage.json") or {}
+        except InputError:  # a damaged old lineage.json only loses its time stamp
+            old = {}
         stamp = old.get("finished_at") or datetime.datetime.fromtimestamp(final.stat().st_mtime, datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
         print(f"earlier final model moved to {move_aside(final, f'final-{compact(stamp)}')}")
     os.replace(partial, final)
     return final
+
+
+def non_finite_weights(model) -> str | None:
+    """Which of the model's weight tensors hold NaN or inf, in words ("3 of 39 weight tensors, e.g. ..."), or None."""
+    import torch
+
+    tensors = {name: p for name, p in model.state_dict().items() if torch.is_floating_point(p)}
+    broken = [name for name, p in tensors.items() if not bool(torch.isfinite(p).all())]
+    return f"{len(broken)} of {len(tensors)} weight tensors, e.g. {broken[0]}, hold NaN or inf" if broken else None
+
+
+def stop_on_non_finite_loss():
+    """A trainer callback that stops the run with one error line as soon as a logged training loss or the weights
+    hold NaN or inf: every later step and checkpoint would be broken too. The weights are checked as well because the
+    trainer logs a NaN loss as a finite one (logging_nan_inf_filter); at each log and before each checkpoint."""
+    from transformers import TrainerCallback
+
+    def check(state, model, loss=None) -> None:
+        broken = non_finite_weights(model) if model is not None else None
+        if loss is not None and not math.isfinite(loss):
+            broken = f"the training loss is {loss}"
+        if broken:
+            from tqdm.auto import tqdm
+
+            for bar in list(getattr(tqdm, "_instances", ())):  # the trainer's progress bar: the error is the last line
+                bar.close()
+            raise InputError(
+                f"training stopped at step {state.global_step}: NaN or inf in the training ({broken}); nothing is "
+                "saved as final: lower LEARNING_RATE (or LORA_LEARNING_RATE), or check MODEL_NAME's weights, and rerun"
+            )
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            check(state, kwargs.get("model"), (logs or {}).get("loss"))
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            check(state, kwargs.get("model"))
+
+    return StopOnNonFiniteLoss()
 
 
 def merge_lora_into_base(model) -> None:

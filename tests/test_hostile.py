@@ -570,6 +570,7 @@ def test_eval_test_split_overlapping_training_fails_the_gate(pipeline, tmp_path)
 def run_eval_main(work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """eval.py's own __main__ block, run in-process (runpy): its exit code and stderr, without 10 s of imports."""
     monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "eval.py")])  # as `python eval.py` has it, not pytest's arguments
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
@@ -787,3 +788,50 @@ def test_any_other_argument_is_one_line_and_writes_nothing(tmp_path, script):
             f"the constants at the top of {script}, overridden by name in .env or the environment"
         )  # fmt: skip
     assert snapshot(tmp_path) == before
+
+
+# --- NaN and inf (issue 11): train.py stops, eval.py's gate blocks, nothing broken is saved or registered --------
+
+
+def poisoned_copy(model_folder: Path, target: Path) -> Path:
+    """A copy of a model folder whose weights are all NaN (what LEARNING_RATE=inf used to train)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_folder, target)
+    weights = load_file(target / "model.safetensors")
+    save_file({name: torch.full_like(t, float("nan")) if t.is_floating_point() else t for name, t in weights.items()},
+              target / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    return target
+
+
+def test_train_stops_with_one_line_when_the_loss_is_nan_and_saves_no_final_model(pipeline, tiny_model, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    shutil.rmtree(work / "output")
+    poisoned = poisoned_copy(tiny_model, tmp_path / "poisoned-model")
+    result = run_script("train.py", work, train_env(tiny_model) | {"MODEL_NAME": str(poisoned)})
+    assert_last_line_is_the_only_error(
+        result, "error: training stopped at step 1: NaN or inf in the training (", "nothing is saved as final"
+    )
+    assert not (work / "output" / "final").exists() and not (work / "output" / ".final-partial").exists()
+    assert not list((work / "output").glob(".lock*"))  # released on the error exit too
+
+
+def test_eval_blocks_a_checkpoint_with_nan_weights_and_does_not_register_it(pipeline, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    poisoned_copy(work / "output" / "final", work / "output" / "poisoned")
+    # Thresholds that would pass anything finite: only the non-finite rule can block.
+    env = {"CHECKPOINT_PATH": "output/poisoned", "MIN_IMPROVEMENT": "-1", "MAX_LANGUAGE_DROP": "1",
+           "BOOTSTRAP_RESAMPLES": "50"}  # fmt: skip
+    result = run_script("eval.py", work, env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "gate: BLOCKED" in result.stdout
+    assert "  - the fine-tuned model has NaN or inf in " in result.stdout
+    assert "  - the fine-tuned model gives NaN or inf similarity scores for " in result.stdout
+    report = json.loads((work / "output" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["gate"]["passed"] is False and report["registry"] is None
+    assert not (work / "output" / "registry.jsonl").exists() and not (work / "output" / "registry").exists()
+
+    # The same thresholds pass the healthy model: the block above came from the NaN weights alone.
+    healthy = run_script("eval.py", work, env | {"CHECKPOINT_PATH": "output/final"})
+    assert healthy.returncode == 0 and "gate: PASSED" in healthy.stdout, healthy.stdout[-3000:]

@@ -574,17 +574,72 @@ def utf8_bytes(raw: bytes, path: str) -> tuple[bytes, str]:
         return raw, "utf-8"
     except UnicodeDecodeError:
         pass
-    fallback_at = []
-
-    def as_cp1252(error: UnicodeDecodeError) -> tuple[str, int]:
-        fallback_at.append(error.start)
-        return error.object[error.start : error.end].decode("cp1252", errors="replace"), error.end
-
-    codecs.register_error("split_data_cp1252", as_cp1252)
-    data = raw.decode("utf-8", errors="split_data_cp1252").encode("utf-8")
+    encoding, language = legacy_encoding(raw, path)
     newlines = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == ord("\n"))
-    lines = np.unique(np.searchsorted(newlines, fallback_at)) + 1
-    return data, f"utf-8 with cp1252 on {len(lines):,} lines (first: line {lines[0]})"
+    fallback_at = []
+    if len(bytes(range(256)).decode(encoding, errors="replace")) == 256:  # one byte per character: cp1252, cp1251, ...
+
+        def as_legacy(error: UnicodeDecodeError) -> tuple[str, int]:
+            fallback_at.append(error.start)
+            return error.object[error.start : error.end].decode(encoding, errors="replace"), error.end
+
+        codecs.register_error("split_data_legacy", as_legacy)
+        data = raw.decode("utf-8", errors="split_data_legacy").encode("utf-8")
+    else:  # several bytes per character (Shift-JIS, GBK, ...): line by line, each line UTF-8 or wholly legacy
+        lines = raw.split(b"\n")
+        for number, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                try:
+                    lines[number] = line.decode(encoding).encode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(
+                        f"{path} line {number + 1} is neither UTF-8 nor {encoding}, the encoding the rest of the file "
+                        "seems to be in; save the file as 'CSV UTF-8'"
+                    ) from None
+                fallback_at.append(int(newlines[number - 1]) + 1 if number else 0)
+        data = b"\n".join(lines)
+    lines_at = np.unique(np.searchsorted(newlines, fallback_at)) + 1
+    what = f"{encoding}" + (f" ({language}, detected by charset-normalizer)" if language else "")
+    return data, f"utf-8 with {what} on {len(lines_at):,} lines (first: line {lines_at[0]})"
+
+
+def legacy_encoding(raw: bytes, path: str) -> tuple[str, str | None]:
+    """The encoding of the parts of the file that are not UTF-8, and the language charset-normalizer recognised in
+    them (None for cp1252, the encoding of Western Excel exports, which is kept whenever it reads as ordinary text).
+
+    charset-normalizer reads every line with bytes that are not UTF-8. A short sample says little: cp1252 wins when
+    the guess reads those bytes the same, or when the guess names no language with confidence and cp1252 reads them
+    as text with few accented letters; else the guess must read as plain text (low chaos), or the file is refused.
+    """
+    from charset_normalizer import from_bytes
+
+    lines = []
+    for line in raw.splitlines():
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            lines.append(line)
+    best = from_bytes(b"\n".join(lines)).best()
+    # The bytes that are not UTF-8, with the ASCII around them: what the two encodings must read alike.
+    texts = (line.decode("utf-8", errors="surrogateescape") for line in lines)
+    legacy = "\n".join("".join(c for c in text if c < "\x80" or "\udc80" <= c <= "\udcff") for text in texts)
+    sample = legacy.encode("utf-8", errors="surrogateescape")
+    as_cp1252 = sample.decode("cp1252", errors="replace")
+    if best is not None and sample.decode(best.encoding, errors="replace") == as_cp1252:
+        return "cp1252", None
+    if best is not None and best.coherence >= 0.5:
+        return best.encoding, best.language
+    letters = [c for c in as_cp1252 if c.isalpha()]
+    if "\ufffd" not in as_cp1252 and sum(c >= "\x80" for c in letters) <= 0.3 * len(letters):
+        return "cp1252", None
+    if best is not None and best.chaos <= 0.2:
+        return best.encoding, best.language
+    raise InputError(
+        f"{path} is not UTF-8, and its encoding cannot be told (neither cp1252 nor another legacy encoding reads it "
+        "as text); save it as 'CSV UTF-8'"
+    )
 
 
 def control_byte_share(raw: bytes) -> float:

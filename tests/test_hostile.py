@@ -111,6 +111,7 @@ elif fault == "disk-full":  # every file opened for writing under the target pat
     builtins.open = full_open
 else:
     raise SystemExit(f"unknown fault {fault}")
+sys.argv = [script]  # as `python <script>` has it
 runpy.run_path(script, run_name="__main__")
 """
 
@@ -232,6 +233,12 @@ BAD_INPUTS = {
     "binary-garbage": (random.Random(0).randbytes(8192), "data/qa_data.csv is not a text CSV"),
     "xlsx-renamed-to-csv": (b"PK\x03\x04\x14\x00\x06\x00" + random.Random(1).randbytes(4000), "is not a text CSV"),
     "utf-16": ("Question,Answer\nWhy?,Because.\n".encode("utf-16"), "data/qa_data.csv is not a text CSV"),
+    "header-then-bytes-in-no-encoding": (
+        b"Question,Answer\n"
+        + b"".join(random.Random(3).randbytes(30).translate(bytes(range(128, 256)) * 2) + b",x\n" for _ in range(20)),
+        "data/qa_data.csv is not UTF-8, and its encoding cannot be told (neither cp1252 nor another legacy encoding "
+        "reads it as text); save it as 'CSV UTF-8'",
+    ),
     "high-bytes-no-header": (
         bytes(random.Random(2).randrange(0x80, 0x100) for _ in range(4000)),
         "data/qa_data.csv has no Question and no Answer column (first line: ",
@@ -282,7 +289,44 @@ def mixed_encodings() -> bytes:
     )
 
 
+# Helpdesk rows in Russian and Japanese, for files saved in a legacy encoding other than cp1252.
+RUSSIAN = pd.DataFrame(
+    {
+        "Question": [f"Как сбросить пароль на устройстве номер {i}?" for i in range(12)],
+        "Answer": [
+            f"Откройте портал самообслуживания и выберите «Забыли пароль» для устройства {i}." for i in range(12)
+        ],
+        "language": "ru",
+    }
+)
+JAPANESE = pd.DataFrame(
+    {
+        "Question": [f"会議室の予約方法は？ その{i}" for i in range(12)],
+        "Answer": [f"カレンダーの「会議室」から予約します。 その{i}" for i in range(12)],
+        "language": "ja",
+    }
+)
+
+
+def pairs_of(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    return set(zip(frame["Question"], frame["Answer"], strict=True))
+
+
 CLEAN_CASES = {
+    "cyrillic-in-cp1251": (
+        lambda: RUSSIAN.to_csv(index=False, lineterminator="\n").encode("cp1251"),
+        {},
+        {"rows_read": 12, "dropped_empty": 0, "groups": 12},
+        pairs_of(RUSSIAN),
+        ("encoding", "utf-8 with cp1251 (Russian, detected by charset-normalizer) on 12 lines (first: line 2)"),
+    ),
+    "japanese-in-shift-jis-appended-to-utf-8": (
+        lambda: csv_bytes(BASE) + JAPANESE.to_csv(index=False, header=False, lineterminator="\n").encode("shift_jis"),
+        {},
+        {"rows_read": 60, "dropped_empty": 0, "groups": 24},
+        BASE_PAIRS | pairs_of(JAPANESE),
+        ("encoding", "utf-8 with cp932 (Japanese, detected by charset-normalizer) on 12 lines (first: line 50)"),
+    ),
     "nan-and-whitespace-cells": (
         nan_and_whitespace_cells,
         {},

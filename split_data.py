@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import csv
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -330,6 +331,19 @@ def release_locks() -> None:
         del held_locks[folder]
 
 
+def releasing_locks(main):
+    """main(), releasing the locks it took on any exit, also when it is called directly (the tests do)."""
+
+    @functools.wraps(main)
+    def main_releasing_locks():
+        try:
+            return main()
+        finally:
+            release_locks()
+
+    return main_releasing_locks
+
+
 def run(main) -> None:
     """The script as a command: `--help` (or `-h`) prints the help; another argument is refused, since settings are
     constants and environment variables; else main(). An InputError is one `error:` line and exit code 2."""
@@ -376,26 +390,67 @@ pii_patterns = {
 }
 
 
+@releasing_locks
 def main() -> None:
     # 1. Settings: the constants above, overridden by .env and the environment.
     s = settings()
-    print("settings:")
-    for name, value in vars(s).items():
-        print(f"  {name} = {value}")
+    print_settings(s)
     outputs = {"train": s.TRAIN_PATH, "validation": s.VALIDATION_PATH, "test": s.TEST_PATH}
 
-    # 2. Read the input and the previous split. Split files that no longer match their manifest were edited by
-    #    hand (or restored wrongly): refusing is the only way not to lose or silently replace them.
+    # 2. Read the input; lock the output folders; read the previous split. Split files that no longer match their
+    #    manifest were edited by hand (or restored wrongly): refusing is the only way not to lose or replace them.
     raw = input_bytes(s.DATA_PATH)
     input_sha256 = hashlib.sha256(raw).hexdigest()
-    if finished_interrupted_write([*outputs.values(), s.SPLIT_MANIFEST_PATH]):
-        print(f"finished the renames of an earlier run killed while making them: {s.SPLIT_MANIFEST_PATH} is that run's")
-    previous = verified_previous_manifest(s.SPLIT_MANIFEST_PATH, outputs)
+    lock_folders([os.path.dirname(path) or "." for path in [*outputs.values(), s.SPLIT_MANIFEST_PATH]])
+    previous = previous_manifest(s, outputs)
     if previous and previous["input"]["sha256"] == input_sha256 and previous["settings"] == split_settings_of(s):
         print(f"input and settings unchanged since {s.SPLIT_MANIFEST_PATH}: the splits are up to date, nothing written")
         for name, output in previous["outputs"].items():
             print(f"  {name}: {output['rows']:,} rows in {output['path']}")
         return
+    frame, encoding, delimiter = input_table(raw, s.DATA_PATH)
+    rows_read = len(frame)
+    del raw
+    group_column = matching_column(frame, s.GROUP_COLUMN, s.DATA_PATH) if s.GROUP_COLUMN else None
+    language_column = next((c for c in frame.columns if str(c).strip().casefold() == "language"), None)
+
+    # 3. Clean: Unicode NFC and single spaces, then drop what cannot be a training pair.
+    frame, counts = cleaned_pairs(frame, s)
+    counts = {"rows_read": rows_read, **counts}
+
+    # 4. Deduplicate and group: exact duplicate pairs go, and every row joins the connected component of rows
+    #    that share its normalised question, its answer or its group value. A component never straddles splits.
+    frame, question_keys, group = grouped_pairs(frame, group_column, counts, s.DATA_PATH)
+
+    # 5. Assign: rows from the previous split keep it, new rows follow their group, new groups are dealt out.
+    frame, split = assigned_rows(frame, group, question_keys, previous, outputs, counts, s)
+
+    # 6. Write all splits to temporary files first, then rename them into place, the manifest last: a run that
+    #    dies on the way leaves the previous files whole.
+    contents = {
+        name: frame[split == i].to_csv(index=False, lineterminator="\n").encode("utf-8")
+        for i, name in enumerate(split_names)
+    }
+    if language_column:
+        languages = frame[language_column].astype(str).str.strip().to_numpy()
+        counts["by_language"] = {
+            language: {name: int(((languages == language) & (split == i)).sum()) for i, name in enumerate(split_names)}
+            for language in sorted(set(languages))
+        }
+    source = {"path": s.DATA_PATH, "sha256": input_sha256, "rows": rows_read, "encoding": encoding}
+    manifest = split_manifest(source | {"delimiter": delimiter}, counts, outputs, contents, previous, s)
+    files = {outputs[name]: contents[name] for name in split_names}
+    files[s.SPLIT_MANIFEST_PATH] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    write_atomically(files)
+    print_written(manifest, previous, s.SPLIT_MANIFEST_PATH)
+
+
+def previous_manifest(s: SimpleNamespace, outputs: dict[str, str]) -> dict | None:
+    """The previous run's manifest, its split files checked unchanged (None for a first run), after finishing the
+    renames of a run killed while making them. Changing a grouping setting under an existing split is refused."""
+    if finished_interrupted_write([*outputs.values(), s.SPLIT_MANIFEST_PATH]):
+        print(f"finished the renames of an earlier run killed while making them: {s.SPLIT_MANIFEST_PATH} is that run's")
+    previous = verified_previous_manifest(s.SPLIT_MANIFEST_PATH, outputs)
     for name in grouping_settings if previous else ():
         if previous["settings"].get(name) != vars(s)[name]:
             raise InputError(
@@ -404,19 +459,21 @@ def main() -> None:
                 f"would regroup rows that are already split; set {name} back, or delete the three split files and "
                 f"the manifest to split from scratch"
             )
-    data, encoding = utf8_bytes(raw, s.DATA_PATH)
-    del raw
-    frame, delimiter = read_table(data, s.DATA_PATH)
-    del data
-    rows_read = len(frame)
-    print(
-        f"2. read {s.DATA_PATH}: {rows_read:,} rows; columns {', '.join(frame.columns)}; {encoding}; "
-        f"delimiter {delimiter!r}"
-    )
-    group_column = matching_column(frame, s.GROUP_COLUMN, s.DATA_PATH) if s.GROUP_COLUMN else None
-    language_column = next((c for c in frame.columns if str(c).strip().casefold() == "language"), None)
+    return previous
 
-    # 3. Clean: Unicode NFC and single spaces, then drop what cannot be a training pair.
+
+def input_table(raw: bytes, path: str) -> tuple[pd.DataFrame, str, str]:
+    """The input as a table with Question and Answer first, how it was decoded and its delimiter."""
+    data, encoding = utf8_bytes(raw, path)
+    frame, delimiter = read_table(data, path)
+    print(
+        f"2. read {path}: {len(frame):,} rows; columns {', '.join(frame.columns)}; {encoding}; delimiter {delimiter!r}"
+    )
+    return frame, encoding, delimiter
+
+
+def cleaned_pairs(frame: pd.DataFrame, s: SimpleNamespace) -> tuple[pd.DataFrame, dict]:
+    """The rows with a cleaned question and answer (PII scrubbed when SCRUB_PII), and the counts of what went."""
     frame["Question"] = cleaned(frame["Question"])
     frame["Answer"] = cleaned(frame["Answer"])
     header_repeats = (frame["Question"].str.casefold() == "question") & (frame["Answer"].str.casefold() == "answer")
@@ -430,30 +487,45 @@ def main() -> None:
         f"3. cleaned: {int(header_repeats.sum()):,} repeated header lines and {int(empty.sum()):,} rows with an "
         f"empty (or NaN/NULL) question or answer dropped"
     )
-    pii_replaced = None
+    counts = {"header_repeats": int(header_repeats.sum()), "dropped_empty": int(empty.sum())}
     if s.SCRUB_PII:
         frame["Question"], question_counts = scrubbed(frame["Question"])
         frame["Answer"], answer_counts = scrubbed(frame["Answer"])
-        pii_replaced = {kind: question_counts[kind] + answer_counts[kind] for kind in pii_patterns}
-        print("   PII replaced: " + ", ".join(f"{n:,} {kind}" for kind, n in pii_replaced.items()))
+        counts["pii_replaced"] = {kind: question_counts[kind] + answer_counts[kind] for kind in pii_patterns}
+        print("   PII replaced: " + ", ".join(f"{n:,} {kind}" for kind, n in counts["pii_replaced"].items()))
+    return frame, counts
 
-    # 4. Deduplicate and group: exact duplicate pairs go, and every row joins the connected component of rows
-    #    that share its normalised question, its answer or its group value. A component never straddles splits.
+
+def grouped_pairs(
+    frame: pd.DataFrame, group_column: str | None, counts: dict, path: str
+) -> tuple[pd.DataFrame, pd.Series, np.ndarray]:
+    """The rows without exact duplicate pairs, their normalised questions and each row's group; adds the counts."""
     duplicates = frame.duplicated(["Question", "Answer"])
     frame = frame[~duplicates]
     if frame.empty:
-        raise InputError(f"{s.DATA_PATH} has no rows with both a question and an answer; add some")
+        raise InputError(f"{path} has no rows with both a question and an answer; add some")
     question_keys = frame["Question"].map(normalised_question)
-    group_values = frame[group_column].astype(str).str.strip() if group_column else None
+    group_values = cleaned(frame[group_column].astype(str)) if group_column else None  # "NULL", "NA": no group
     group = group_ids(question_keys, frame["Answer"], group_values)
-    groups = int(group.max()) + 1
+    counts |= {"exact_duplicates": int(duplicates.sum()), "groups": int(group.max()) + 1}
     linked_by = "normalised question, answer" + (f" or {group_column}" if group_column else "")
     print(
         f"4. deduplicated: {int(duplicates.sum()):,} exact duplicate pairs dropped; {len(frame):,} rows in "
-        f"{groups:,} groups (rows linked by {linked_by})"
+        f"{counts['groups']:,} groups (rows linked by {linked_by})"
     )
+    return frame, question_keys, group
 
-    # 5. Assign: rows from the previous split keep it, new rows follow their group, new groups are dealt out.
+
+def assigned_rows(
+    frame: pd.DataFrame,
+    group: np.ndarray,
+    question_keys: pd.Series,
+    previous: dict | None,
+    outputs: dict[str, str],
+    counts: dict,
+    s: SimpleNamespace,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows that are written and each one's split (0 train, 1 validation, 2 test); adds the counts."""
     previous_split = previous_splits(frame, outputs) if previous else np.full(len(frame), np.nan)
     split, bridging = assigned_splits(group, previous_split, question_keys.to_numpy(), s)
     new, held_out = int(np.isnan(previous_split).sum()), int(bridging.sum())
@@ -466,66 +538,43 @@ def main() -> None:
         print(f"   held out: row {number + 1}: {question[:80]!r}")
     frame, split = frame[~bridging], split[~bridging].astype(int)
     by_split = {name: int((split == i).sum()) for i, name in enumerate(split_names)}
-    fractions = {
-        "train": 1 - s.VALIDATION_FRACTION - s.TEST_FRACTION,
-        "validation": s.VALIDATION_FRACTION,
-        "test": s.TEST_FRACTION,
-    }
     for name, rows in by_split.items():
-        if rows == 0 and fractions[name] > 0:
+        if rows == 0:
             raise InputError(
-                f"{s.DATA_PATH} has only {groups} group(s) of rows that must stay together, too few to fill the {name} "
-                f"split; add rows with other questions and answers"
+                f"{s.DATA_PATH} has only {counts['groups']} group(s) of rows that must stay together, too few to fill "
+                f"the {name} split; add rows with other questions and answers"
             )
+    counts |= {"kept_previous_split": kept, "new_rows": new, "held_out_bridging": held_out, "by_split": by_split}
+    return frame, split
 
-    # 6. Write all splits to temporary files first, then rename them into place, the manifest last: a run that
-    #    dies on the way leaves the previous files whole.
-    contents = {
-        name: frame[split == i].to_csv(index=False, lineterminator="\n").encode("utf-8")
-        for i, name in enumerate(split_names)
-    }
-    counts = {
-        "rows_read": rows_read,
-        "header_repeats": int(header_repeats.sum()),
-        "dropped_empty": int(empty.sum()),
-        "exact_duplicates": int(duplicates.sum()),
-        "groups": groups,
-        "kept_previous_split": kept,
-        "new_rows": new,
-        "held_out_bridging": held_out,
-        "by_split": by_split,
-    }
-    if pii_replaced is not None:
-        counts["pii_replaced"] = pii_replaced
-    if language_column:
-        languages = frame[language_column].astype(str).str.strip().to_numpy()
-        counts["by_language"] = {
-            language: {name: int(((languages == language) & (split == i)).sum()) for i, name in enumerate(split_names)}
-            for language in sorted(set(languages))
-        }
-    manifest = {
-        "input": {
-            "path": s.DATA_PATH,
-            "sha256": input_sha256,
-            "rows": rows_read,
-            "encoding": encoding,
-            "delimiter": delimiter,
-        },
+
+def split_manifest(
+    source: dict, counts: dict, outputs: dict, contents: dict, previous: dict | None, s: SimpleNamespace
+) -> dict:
+    """What split_manifest.json records: the input, the settings, every count, each split file and the history."""
+    return {
+        "input": source,
         "settings": split_settings_of(s),
         "counts": counts,
         "outputs": {
-            name: {"path": outputs[name], "sha256": hashlib.sha256(contents[name]).hexdigest(), "rows": by_split[name]}
+            name: {
+                "path": outputs[name],
+                "sha256": hashlib.sha256(contents[name]).hexdigest(),
+                "rows": counts["by_split"][name],
+            }
             for name in split_names
         },
-        "history": history(previous, input_sha256, s, counts),
+        "history": history(previous, source["sha256"], s, counts),
     }
-    files = {outputs[name]: contents[name] for name in split_names}
-    files[s.SPLIT_MANIFEST_PATH] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    write_atomically(files)
+
+
+def print_written(manifest: dict, previous: dict | None, manifest_path: str) -> None:
+    """Step 6's report: the rows of each split (and language), and what changed since the previous split."""
+    by_split = manifest["counts"]["by_split"]
     print("6. wrote:")
-    for name in split_names:
-        print(f"   {name}: {by_split[name]:,} rows ({by_split[name] / len(frame):.1%}) in {outputs[name]}")
-    for language, row in counts.get("by_language", {}).items():
+    for name, output in manifest["outputs"].items():
+        print(f"   {name}: {by_split[name]:,} rows ({by_split[name] / sum(by_split.values()):.1%}) in {output['path']}")
+    for language, row in manifest["counts"].get("by_language", {}).items():
         print(f"   {language or '(no language)'}: " + ", ".join(f"{name} {n:,}" for name, n in row.items()))
     if previous:
         change = manifest["history"][-1]
@@ -534,7 +583,7 @@ def main() -> None:
             f"settings changed: {change['settings_changed'] or 'none'}; rows kept {change['rows_kept']:,}, added "
             f"{change['rows_added']:,}, removed {change['rows_removed']:,}, held out {change['rows_held_out']:,}"
         )
-    print(f"   manifest: {s.SPLIT_MANIFEST_PATH}")
+    print(f"   manifest: {manifest_path}")
 
 
 def split_settings_of(s: SimpleNamespace) -> dict:
@@ -759,8 +808,17 @@ def verified_previous_manifest(manifest_path: str, outputs: dict[str, str]) -> d
         with open(manifest_path, encoding="utf-8") as file:
             manifest = json.load(file)
         recorded = {name: manifest["outputs"][name]["sha256"] for name in split_names}
-        if "sha256" not in manifest["input"] or not isinstance(manifest["settings"], dict):
-            raise KeyError("input sha256 or settings")
+        # Valid JSON of another shape is no manifest either: every part a rerun reads, with its type.
+        shapes = [
+            (manifest["input"]["sha256"], str),
+            (manifest["settings"], dict),
+            (manifest.get("history", []), list),
+            *((recorded[name], str) for name in split_names),
+            *((manifest["outputs"][name]["rows"], int) for name in split_names),
+        ]
+        wrong = [value for value, kind in shapes if not isinstance(value, kind)]
+        if wrong:
+            raise TypeError(f"{wrong[0]!r} where the manifest has another kind of value")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(
             f"cannot read {manifest_path} ({error!r}); restore it, or delete it and the three split files "

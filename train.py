@@ -10,6 +10,7 @@ import codecs
 import contextlib
 import datetime
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -377,6 +378,19 @@ def release_locks() -> None:
         del held_locks[folder]
 
 
+def releasing_locks(main):
+    """main(), releasing the locks it took on any exit, also when it is called directly (the tests do)."""
+
+    @functools.wraps(main)
+    def main_releasing_locks():
+        try:
+            return main()
+        finally:
+            release_locks()
+
+    return main_releasing_locks
+
+
 def run(main) -> None:
     """The script as a command: `--help` (or `-h`) prints the help; another argument is refused, since settings are
     constants and environment variables; else main(). An InputError is one `error:` line and exit code 2."""
@@ -404,6 +418,7 @@ def run(main) -> None:
 # --- end of settings block ---
 
 
+@releasing_locks
 def main() -> None:
     # 1. Settings, device and precision
     s = settings()

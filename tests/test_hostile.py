@@ -425,11 +425,19 @@ def test_split_killed_while_writing_leaves_earlier_files_intact_and_reruns(tmp_p
     after = snapshot(tmp_path / "data")
     temporary = sorted(name for name in after if name.endswith(".tmp"))
     assert temporary == [".qa_training_set.csv.tmp", ".qa_validation_set.csv.tmp"]  # killed mid-write indeed
+    # The dead run's lock file stays behind, naming it; the OS released its lock when it died.
+    holder = json.loads(after.pop(".lock-holder.json"))
+    assert holder["script"] == "split_data.py" and after.pop(".lock") == b""
     assert {name: content for name, content in after.items() if name not in temporary} == before
     assert_clean_splits(tmp_path, first)  # the earlier splits are whole and readable
 
     result = run_script("split_data.py", tmp_path)
     assert result.returncode == 0, result.stderr
+    assert (
+        f"lock: data was locked by a run that ended without releasing it (split_data.py, pid {holder['pid']}, "
+        f"started {holder['started_at']})" in result.stdout
+    )  # taken over
+    assert not {".lock", ".lock-holder.json"} & set(os.listdir(tmp_path / "data"))  # released at the end
     manifest = json.loads((tmp_path / "data" / "split_manifest.json").read_text(encoding="utf-8"))
     assert not [name for name in os.listdir(tmp_path / "data") if name.endswith(".tmp")]
     assert manifest["history"][-1]["rows_kept"] == 48 and manifest["history"][-1]["rows_added"] == 12
@@ -500,7 +508,7 @@ def test_one_megabyte_answer_goes_through_split_and_training(pipeline):
 
 UNWRITABLE = {
     "split_data.py": ({"DATA_DIR": "blocked/data", "DATA_PATH": "data/qa_data.csv"},
-                      "cannot write blocked/data/qa_training_set.csv: Not a directory"),
+                      "cannot lock blocked/data: Not a directory; make it a writable folder"),
     "train.py": ({"OUTPUT_DIR": "blocked/output"},
                  "cannot write to output folder 'blocked/output' (Not a directory); set OUTPUT_DIR"),
     "eval.py": ({"OUTPUT_DIR": "blocked/output"}, "cannot write to OUTPUT_DIR blocked/output: Not a directory"),

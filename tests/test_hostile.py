@@ -887,3 +887,176 @@ def test_eval_blocks_a_checkpoint_with_nan_weights_and_does_not_register_it(pipe
     # The same thresholds pass the healthy model: the block above came from the NaN weights alone.
     healthy = run_script("eval.py", work, env | {"CHECKPOINT_PATH": "output/final"})
     assert healthy.returncode == 0 and "gate: PASSED" in healthy.stdout, healthy.stdout[-3000:]
+
+
+# --- paths and concurrency (issue 11): one run per output folder, no two paths on one file ------------------------
+
+LOCK_HOLDER = r"""
+import importlib.util, sys
+
+spec = importlib.util.spec_from_file_location("holder", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.lock_folders([sys.argv[2]])
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin
+module.release_locks()
+"""
+
+
+@pytest.mark.parametrize(("script", "folder"), [("split_data.py", "data"), ("train.py", "output"),
+                                                ("eval.py", "output")])  # fmt: skip
+def test_a_second_run_in_a_locked_folder_is_one_line_naming_the_holder(pipeline, tmp_path, script, folder):
+    work = copy_work(pipeline, tmp_path / "work")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(REPO / script), folder], cwd=work,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(work)
+        started = json.loads((work / folder / ".lock-holder.json").read_text(encoding="utf-8"))["started_at"]
+        result = run_script(script, work, {"MODEL_NAME": "unused", "BOOTSTRAP_RESAMPLES": "10"})
+        assert_one_line_error(
+            result, f"error: {folder} is in use by another run ({script}, pid {holder.pid}, started {started}); wait"
+        )
+        assert snapshot(work) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (work / folder / ".lock").exists()  # the holder released it
+    if script == "split_data.py":  # free again: the next run goes through
+        assert run_script(script, work).returncode == 0
+
+
+def test_under_torchrun_only_rank_0_locks(tmp_path, monkeypatch):
+    train = load_script("train.py")
+    monkeypatch.setenv("RANK", "1")
+    train.lock_folders([str(tmp_path)])
+    assert os.listdir(tmp_path) == [] and train.held_locks == {}
+    monkeypatch.setenv("RANK", "0")
+    train.lock_folders([str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == [".lock", ".lock-holder.json"]
+    train.release_locks()
+    assert os.listdir(tmp_path) == []
+
+
+SAME_FILE = {
+    "train-is-test": ({"TEST_PATH": "data/qa_training_set.csv"},
+                      "TRAIN_PATH='data/qa_training_set.csv' and TEST_PATH='data/qa_training_set.csv' are the same "
+                      "file"),
+    "manifest-is-a-split": ({"SPLIT_MANIFEST_PATH": "data/../data/qa_test_set.csv"},
+                            "TEST_PATH='data/qa_test_set.csv' and SPLIT_MANIFEST_PATH='data/../data/qa_test_set.csv' "
+                            "are the same file"),
+    "output-is-the-input": ({"VALIDATION_PATH": "./data/qa_data.csv"},
+                            "DATA_PATH='data/qa_data.csv' and VALIDATION_PATH='./data/qa_data.csv' are the same file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("env", "message"), SAME_FILE.values(), ids=SAME_FILE)
+def test_split_refuses_two_paths_that_are_one_file(tmp_path, env, message):
+    write_input(tmp_path, csv_bytes(BASE))
+    before = snapshot(tmp_path)
+    assert_one_line_error(run_script("split_data.py", tmp_path, env), f"error: {message}; one would overwrite")
+    assert snapshot(tmp_path) == before
+
+
+# --- read-back files of the wrong shape (issue 11): valid JSON, wrong content, one line ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[]", "cannot read data/split_manifest.json (TypeError("),
+        ('{"input": "abc", "settings": {}, "outputs": {}}', "cannot read data/split_manifest.json ("),
+        (None, "cannot read data/split_manifest.json (TypeError("),
+    ],
+    ids=["a-list", "input-is-text", "rows-are-text"],
+)
+def test_split_manifest_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, content, message):
+    write_input(tmp_path, csv_bytes(BASE))
+    split_in_process(tmp_path, monkeypatch)
+    manifest_path = tmp_path / "data" / "split_manifest.json"
+    if content is None:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["outputs"]["test"]["rows"] = "4"
+        content = json.dumps(manifest)
+    manifest_path.write_text(content, encoding="utf-8")
+    write_input(tmp_path, csv_bytes(pd.concat([BASE, small_qa_frame(copies=5)[48:]])))  # new rows: not up to date
+    before = snapshot(tmp_path)
+    assert_one_line_error(run_script("split_data.py", tmp_path), f"error: {message}")
+    assert snapshot(tmp_path) == before
+
+
+def damage_json(path: Path, change) -> None:
+    path.chmod(0o644)
+    path.write_text(change(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+READ_BACK = {
+    "lineage-is-a-list": ("output/final/lineage.json", lambda text: "[1, 2]",
+                          "error: output/final/lineage.json is not a lineage.json as train.py writes it (a JSON list, "
+                          "not an object)"),
+    "lineage-data-is-text": ("output/final/lineage.json",
+                             lambda text: json.dumps(json.loads(text) | {"data": "data/qa_training_set.csv"}),
+                             "error: output/final/lineage.json is not a lineage.json as train.py writes it (data)"),
+    "registry-line-is-a-list": ("output/registry.jsonl", lambda text: "[]\n",
+                                "error: output/registry.jsonl line 1 is not a registry entry (a JSON object with a "
+                                "version like v0001, a path and a model_sha256)"),
+    "registry-line-without-version": ("output/registry.jsonl", lambda text: '{"path": "x", "model_sha256": "0"}\n',
+                                      "error: output/registry.jsonl line 1 is not a registry entry"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("file", "change", "message"), READ_BACK.values(), ids=READ_BACK)
+def test_eval_read_back_file_of_the_wrong_shape_is_one_line_before_scoring(pipeline, tmp_path, monkeypatch, capsys,
+                                                                           file, change, message):  # fmt: skip
+    work = copy_work(pipeline, tmp_path / "work")
+    path = work / file
+    if not path.exists():
+        path.write_text("{}\n", encoding="utf-8")
+    damage_json(path, change)
+    before = snapshot(work / "output")
+    result = run_eval_main(work, monkeypatch, capsys)
+    assert_one_line_error(result, message)
+    assert "test: " not in result.stdout  # refused before reading the test split and scoring
+    assert snapshot(work / "output") == before
+
+
+def test_train_split_manifest_of_the_wrong_shape_is_one_line(pipeline, tiny_model, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    (work / "data" / "split_manifest.json").write_text('["not", "a", "manifest"]', encoding="utf-8")
+    result = run_script("train.py", work, train_env(tiny_model))
+    assert_one_line_error(result, "error: 'data/split_manifest.json' holds a JSON list, not the object")
+
+
+def test_eval_adapter_config_of_the_wrong_shape_is_one_line(pipeline, tmp_path, monkeypatch, capsys):
+    work = copy_work(pipeline, tmp_path / "work")
+    (work / "output" / "final" / "adapter_config.json").write_text('"base"', encoding="utf-8")
+    result = run_eval_main(work, monkeypatch, capsys)
+    assert_last_line_is_the_only_error(
+        result, "error: output/final/adapter_config.json is not an adapter config as peft writes it"
+    )
+
+
+# --- group ids and columns as exports write them (issue 11) ------------------------------------------------------
+
+
+def test_group_column_null_and_na_link_nothing_in_split_and_eval(tmp_path, monkeypatch):
+    frame = BASE.assign(id=["NULL", "NA", " n/a ", "#N/A"] * 12)  # every row "has" an id that is a missing value
+    write_input(tmp_path, csv_bytes(frame))
+    manifest = split_in_process(tmp_path, monkeypatch, GROUP_COLUMN="id")
+    assert manifest["counts"]["groups"] == 12  # not 4 giant groups
+
+    ev = load_script("eval.py")
+    splits = read_splits(tmp_path)
+    counts = ev.contamination_counts(splits["test"], splits["train"], "id")
+    assert counts["shared_group_ids"] == 0 and counts["leaked_rows"] == 0
+    # ... while a real shared id still counts.
+    splits["test"].loc[0, "id"] = splits["train"].loc[0, "id"] = "faq-7"
+    assert ev.contamination_counts(splits["test"], splits["train"], "id")["shared_group_ids"] == 1
+
+
+def test_eval_finds_the_language_column_regardless_of_case():
+    ev = load_script("eval.py")
+    test = BASE.rename(columns={"language": " Language "})
+    *_, languages = ev.ir_inputs(test, [test], True, "language")
+    assert set(languages.values()) == {"en", "de"}

@@ -3,7 +3,10 @@
 Run from the repository root after split_data.py and train.py: `python eval.py`. It prints one line per metric,
 `<metric>: base=<x> | fine-tuned=<x> | Δ=<±x> | bm25=<x>`, overall and per language, a verdict from a paired
 bootstrap, and the gate's decision. Exit code: 0 = the gate passed, 1 = blocked (every reason printed), 2 = bad input.
-A passing model is copied into OUTPUT_DIR/registry/v<NNNN>/ and appended to OUTPUT_DIR/registry.jsonl.
+Reads the three splits (DATA_DIR/qa_*_set.csv), the checkpoint (CHECKPOINT_PATH, default OUTPUT_DIR/final) with its
+lineage.json, the base model and OUTPUT_DIR/registry.jsonl. Writes OUTPUT_DIR/eval_report.{json,md,png}, appends this
+evaluation to the checkpoint's lineage.json, and last copies a passing model into OUTPUT_DIR/registry/v<NNNN>/ and
+appends it to OUTPUT_DIR/registry.jsonl. OUTPUT_DIR/.lock keeps a second run out while this one runs.
 """
 
 import codecs

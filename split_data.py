@@ -3,7 +3,8 @@
 Reads DATA_PATH (default data/qa_data.csv), cleans it, drops exact duplicates, groups the rows that must stay
 together (same normalised question, same answer, same GROUP_COLUMN value) and puts whole groups into train,
 validation and test (80/10/10). Rows that an earlier run already split keep their split, so the test set stays
-the test set as the data grows. Writes the three split CSVs and DATA_DIR/split_manifest.json.
+the test set as the data grows. Writes the three split CSVs and DATA_DIR/split_manifest.json (a .lock beside them
+keeps a second run out while this one runs).
 
     python split_data.py
     DATA_PATH=my_faq.csv GROUP_COLUMN=id python split_data.py

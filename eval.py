@@ -3,65 +3,481 @@
 Run from the repository root after split_data.py and train.py: `python eval.py`. It prints one line per metric,
 `<metric>: base=<x> | fine-tuned=<x> | Δ=<±x> | bm25=<x>`, overall and per language, a verdict from a paired
 bootstrap, and the gate's decision. Exit code: 0 = the gate passed, 1 = blocked (every reason printed), 2 = bad input.
-A passing model is copied into OUTPUT_DIR/registry/v<NNNN>/ and appended to OUTPUT_DIR/registry.jsonl.
+Reads the three splits (DATA_DIR/qa_*_set.csv), the checkpoint (CHECKPOINT_PATH, default OUTPUT_DIR/final) with its
+lineage.json, the base model and OUTPUT_DIR/registry.jsonl. Writes OUTPUT_DIR/eval_report.{json,md,png}, appends this
+evaluation to the checkpoint's lineage.json, and last copies a passing model into OUTPUT_DIR/registry/v<NNNN>/ and
+appends it to OUTPUT_DIR/registry.jsonl. OUTPUT_DIR/.lock keeps a second run out while this one runs.
 """
 
+import codecs
+import contextlib
 import datetime as dt
+import difflib
+import functools
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
+import tokenize
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 
-# --- Settings: edit here, or override any of them by name in .env or the environment ---
-DATA_DIR = "data"
+# --- Settings: edit here, or override any of them by name in .env or the environment (`--help` lists them) ---
+DATA_DIR = "data"  # the folder of the three splits
 TRAIN_PATH = ""  # "" -> DATA_DIR/qa_training_set.csv
 VALIDATION_PATH = ""  # "" -> DATA_DIR/qa_validation_set.csv
 TEST_PATH = ""  # "" -> DATA_DIR/qa_test_set.csv
-OUTPUT_DIR = "output"
+OUTPUT_DIR = "output"  # train.py's output folder: the checkpoint, the reports and the registry
 CHECKPOINT_PATH = ""  # "" -> OUTPUT_DIR/final, what train.py saved last
-MODEL_NAME = "intfloat/multilingual-e5-base"
+MODEL_NAME = "intfloat/multilingual-e5-base"  # the base model when lineage.json names none (as in train.py)
 BASE_MODEL_NAME = ""  # "" -> the base model in the checkpoint's lineage.json, else MODEL_NAME
 QUERY_PROMPT = "query: "  # E5's prefixes; set both to "" for models trained without prompts
-PASSAGE_PROMPT = "passage: "
+PASSAGE_PROMPT = "passage: "  # ... the answers' prefix (the line above is the questions')
 CORPUS_SCOPE = "all"  # "all": every distinct answer of the three splits, as a production index; "test": the recipe's
 GROUP_IDENTICAL_ANSWERS = True  # False: the recipe's one corpus id per row (an identical copy of the answer is a miss)
 LANGUAGE_COLUMN = "language"  # metrics per language when the test split has this column
-BATCH_SIZE = 32
-PRIMARY_METRIC = "ndcg@10"
+BATCH_SIZE = 32  # texts per encoding batch
+PRIMARY_METRIC = "ndcg@10"  # the metric of the verdict and the gate
 MIN_IMPROVEMENT = 0.01  # the fine-tuned model must beat the base model by at least this on PRIMARY_METRIC
 MAX_LANGUAGE_DROP = 0.01  # ... and no language may lose more than this on PRIMARY_METRIC
 MAX_CONTAMINATION = 0.01  # largest fraction of test rows allowed to share a question or answer with training
 GENERAL_TEST_PATH = ""  # Question/Answer CSVs from other domains, comma-separated, each scored on its own answers
 MAX_GENERAL_DROP = 0.01  # no general set may lose more than this on PRIMARY_METRIC
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 42
+BOOTSTRAP_RESAMPLES = 1000  # resamples of the paired bootstrap behind the verdict's 95% interval
+BOOTSTRAP_SEED = 42  # seeds the bootstrap, so the same scores give the same interval
 REPORT_METRICS = "ndcg@10,mrr@10,accuracy@1"  # the bar chart's panels and the per-language tables of eval_report.md
+
+# What the settings block below allows: a rule per setting ('>0', '>=1', '[0,1)', '(0,1)', 'a|b', 'nonempty'; every
+# float must be finite), checks across settings, the paths "" fills in, and the paths that must be different files.
+LIMITS = {
+    "DATA_DIR": "nonempty",
+    "OUTPUT_DIR": "nonempty",
+    "MODEL_NAME": "nonempty",
+    "CORPUS_SCOPE": "all|test",
+    "BATCH_SIZE": ">0",
+    "PRIMARY_METRIC": "nonempty",
+    "MIN_IMPROVEMENT": "[-1,1]",  # below 0: the fine-tuned model may lose that much (a smaller or faster model)
+    "MAX_LANGUAGE_DROP": "[0,1]",
+    "MAX_CONTAMINATION": "[0,1]",
+    "MAX_GENERAL_DROP": "[0,1]",
+    "BOOTSTRAP_RESAMPLES": ">=1",
+    "BOOTSTRAP_SEED": ">=0",
+}
+CHECKS = []
+DERIVED_PATHS = {
+    "TRAIN_PATH": ("DATA_DIR", "qa_training_set.csv"),
+    "VALIDATION_PATH": ("DATA_DIR", "qa_validation_set.csv"),
+    "TEST_PATH": ("DATA_DIR", "qa_test_set.csv"),
+    "CHECKPOINT_PATH": ("OUTPUT_DIR", "final"),
+}
+DISTINCT_PATHS = ("TRAIN_PATH", "VALIDATION_PATH", "TEST_PATH")
+# How pandas, R, SQL and Excel exports write a missing value (as in split_data.py): such a group id links nothing.
+missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
+
+# --- settings block (identical in split_data.py, train.py, eval.py) ---
+# The constants at the top are the settings: this block reads them from .env and the environment by each constant's
+# type, fills in the empty paths of DERIVED_PATHS, refuses what LIMITS, CHECKS and DISTINCT_PATHS do not allow, answers
+# --help and locks the output folder. It is copied on purpose, since the scripts share nothing but files on disk:
+# tests/test_hostile.py fails when the three copies differ, so edit one and copy it to the other two.
+ALL_SETTINGS = frozenset(
+    "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE "  # noqa: SIM905
+    "CHECKPOINT_PATH CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
+    "GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE "
+    "LORA_ALPHA LORA_LEARNING_RATE LORA_RANK LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS "
+    "MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
+    "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
+    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA "
+    "VALIDATION_FRACTION VALIDATION_PATH WARMUP_RATIO WEIGHT_DECAY".split()
+)  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
+LIBRARY_VARIABLES = (
+    "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TOKENIZERS_", "DATASETS_",
+    "ACCELERATE_", "CUDA_", "CUDNN_", "PYTORCH_", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUBLAS_", "NCCL_",
+    "GLOO_", "NVIDIA_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PYTHON", "TQDM_", "MPL",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_", "CURL_CA_BUNDLE", "LC_",
+    "LANG", "TZ", "TMPDIR", "XDG_", "PATH", "HOME",
+)  # fmt: skip  # prefixes of variables the libraries and Python read: .env may set them without a warning
+LOCK_FILE, LOCK_HOLDER_FILE = ".lock", ".lock-holder.json"  # in the locked folder; removed when the run ends
+run_started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+held_locks: dict = {}  # folder -> this process's FileLock on it
 
 
 class InputError(Exception):
-    """Bad input a user can fix: printed as one `error: ` line, exit code 2."""
+    """Bad input the user can fix: printed as one `error: ...` line, exit code 2."""
 
 
-def main() -> int:
-    s = settings()
+class Result(Exception):
+    """A run that ended as it should, with an outcome that is not a success (e.g. nothing beat the base model): its
+    message is printed as is to stdout, exit code 1."""
+
+
+def settings() -> SimpleNamespace:
+    """The constants at the top, each overridden by the environment variable of its name or its line in .env (the
+    environment wins), parsed by the constant's type and checked against LIMITS, CHECKS and DISTINCT_PATHS."""
+    from_dotenv = dotenv_names()
+    values = {
+        name: checked_value(name, default, os.environ.get(name), setting_source(name, from_dotenv))
+        for name, default in setting_defaults().items()
+    }
+    for name, (folder, file_name) in DERIVED_PATHS.items():
+        values[name] = values[name] or os.path.join(values[folder], file_name)
+    for names, holds, allowed in CHECKS:
+        if not holds(values):
+            shown = " and ".join(f"{name}={values[name]!r}" for name in names)
+            raise InputError(f"{shown} do not go together: {allowed}; change them in .env or the environment")
+    seen = {}
+    for name in DISTINCT_PATHS:
+        other = seen.setdefault(Path(values[name]).resolve(), name)
+        if other != name:
+            raise InputError(
+                f"{other}={values[other]!r} and {name}={values[name]!r} are the same file; one would overwrite the "
+                f"other, so set them to different files"
+            )
+    return SimpleNamespace(**values)
+
+
+def print_settings(s: SimpleNamespace) -> None:
     print("settings:")
     for name, value in vars(s).items():
         print(f"  {name} = {value}")
-    ensure_writable(Path(s.OUTPUT_DIR))
 
-    # 1. The checkpoint, its lineage and the base model it was trained from.
-    checkpoint = Path(s.CHECKPOINT_PATH)
+
+def setting_comments() -> dict[str, str]:
+    """Each setting's name and comment, in order: the `NAME = value  # comment` lines from the `# --- Settings`
+    line at the top of this file to the first blank line after it."""
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("# --- Settings")) + 1
+    end = next((number for number in range(start, len(lines)) if not lines[number].strip()), len(lines))
+    comments, name = {}, None
+    for token in tokenize.generate_tokens(io.StringIO("\n".join(lines[start:end]) + "\n").readline):
+        if token.type == tokenize.NAME and token.start[1] == 0:
+            name = token.string
+            comments[name] = ""
+        elif token.type == tokenize.COMMENT and name:
+            comments[name] = token.string.lstrip("#").strip()
+    return comments
+
+
+def setting_defaults() -> dict:
+    """Each setting's value as the constant at the top of this file sets it."""
+    return {name: globals()[name] for name in setting_comments()}
+
+
+def setting_source(name: str, from_dotenv: set[str]) -> str:
+    if name in from_dotenv:
+        return "from .env"
+    return "from the environment" if name in os.environ else f"the constant in {Path(__file__).name}"
+
+
+def parsed_value(raw: str, default):
+    """`raw` as the type of `default` (yes/no words for a bool), or None when it is not one."""
+    if isinstance(default, bool):
+        words = {"1": True, "true": True, "yes": True, "on": True}
+        words |= {"0": False, "false": False, "no": False, "off": False}
+        return words.get(raw.strip().lower())
+    if not isinstance(default, int | float):
+        return raw
+    try:
+        return type(default)(raw.strip())
+    except ValueError:
+        return None
+
+
+def allowed_values(default, rule: str) -> str:
+    """What a LIMITS rule allows, in words: '>0' for an int is 'a whole number above 0'."""
+    kind = (
+        "true or false (or 1/0, yes/no, on/off)" if isinstance(default, bool)
+        else "a whole number" if isinstance(default, int)
+        else "a finite number" if isinstance(default, float)
+        else "a text"
+    )  # fmt: skip
+    if "|" in rule:
+        return "one of " + ", ".join(repr(choice) for choice in rule.split("|"))
+    if rule == "nonempty":
+        return "a non-empty text"
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = interval[2], interval[3]
+        if interval[1] == "[":
+            return f"{kind} from {low} to " + (high if interval[4] == "]" else f"below {high}")
+        return f"{kind} above {low} and " + (f"at most {high}" if interval[4] == "]" else f"below {high}")
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        words = {">": "above", ">=": "of at least", "<": "below", "<=": "of at most"}
+        return f"{kind} {words[bound[1]]} {bound[2]}"
+    return kind
+
+
+def within(value, rule: str) -> bool:
+    """Whether `value` keeps a LIMITS rule: '>0', '>=1', '[0,1)', '(0,1)', 'all|test', 'nonempty' or '' (any);
+    a float must be finite in any case."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if "|" in rule:
+        return value in rule.split("|")
+    if rule == "nonempty":
+        return bool(str(value).strip())
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = float(interval[2]), float(interval[3])
+        above = value >= low if interval[1] == "[" else value > low
+        return above and (value <= high if interval[4] == "]" else value < high)
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        limit = float(bound[2])
+        return {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[bound[1]]
+    return True
+
+
+def checked_value(name: str, default, raw: str | None, source: str):
+    """The setting's value: `raw` parsed by the type of `default` (or `default` when unset), if LIMITS allows it."""
+    value = default if raw is None else parsed_value(raw, default)
+    rule = LIMITS.get(name, "")
+    if value is None or not within(value, rule):
+        allowed = allowed_values(default, rule)
+        raise InputError(
+            f"{name}={default if raw is None else raw!r} ({source}) is not {allowed} (the default is {default!r}); "
+            f"fix it in .env or the environment"
+        )
+    return value
+
+
+def dotenv_names(path: str = ".env") -> set[str]:
+    """Put the lines of .env into the environment where it has no value yet, and return the names it set. .env may be
+    UTF-8 (with or without BOM) or UTF-16 or UTF-32 with a BOM. A name that no script and no library reads is
+    warned about: a typo such as BATCHSIZE=64 would otherwise change nothing without a word."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}; make it a readable file or remove it") from None
+    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]  # fmt: skip
+    encoding = next((name for bom, name in boms if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+        if "\x00" in text:
+            raise UnicodeDecodeError(encoding, raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path} is not readable as {encoding} ({error.reason} at byte {error.start}); save it as UTF-8 text"
+        ) from None
+    values = dotenv_values(stream=io.StringIO(text))
+    for name in values:
+        if name not in ALL_SETTINGS and not name.upper().startswith(LIBRARY_VARIABLES):
+            close = difflib.get_close_matches(name.upper(), ALL_SETTINGS, n=1)
+            print(
+                f"warning: {path} sets {name}, which is not a setting of split_data.py, train.py or eval.py"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + "; it changes nothing"
+            )
+    new = {name for name, value in values.items() if value is not None and name not in os.environ}
+    load_dotenv(stream=io.StringIO(text))
+    return new
+
+
+def help_text() -> str:
+    """The module's docstring (what the script reads and writes), then every setting: its value in effect and where
+    that comes from, its default, its comment and what is allowed."""
+    script = Path(__file__).name
+    lines = [
+        (__doc__ or "").strip(),
+        "",
+        f"Settings are the constants at the top of {script}; override any of them by name in .env or the environment",
+        f"(NAME=value python {script}). Each: its value in effect (source; default), its comment [what is allowed].",
+        "",
+    ]
+    from_dotenv = dotenv_names()
+    for name, comment in setting_comments().items():
+        default, raw = globals()[name], os.environ.get(name)
+        rule = LIMITS.get(name, "")
+        value = default if raw is None else parsed_value(raw, default)
+        if raw is None:
+            shown = f"{default!r}  (default)"
+        elif value is None or not within(value, rule):
+            shown = f"{raw!r}  ({setting_source(name, from_dotenv)}, NOT VALID; default {default!r})"
+        else:
+            shown = f"{value!r}  ({setting_source(name, from_dotenv)}; default {default!r})"
+        lines += [f"  {name} = {shown}", f"      {comment or '(no comment)'} [{allowed_values(default, rule)}]"]
+    return "\n".join(lines)
+
+
+def lock_folders(folders: list[str]) -> None:
+    """Lock each output folder for this run until the process ends: a side file names the holder (pid, start time),
+    a second run is refused with one line naming it. The OS drops the lock of a process that dies, so a killed run's
+    lock is taken over. Under torchrun only rank 0 locks. The locks are released by release_locks()."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from filelock import FileLock, Timeout
+
+    release_locks()  # those of an earlier main() in this process (tests call main() directly)
+    for folder in dict.fromkeys(folders):
+        lock, holder_file = FileLock(os.path.join(folder, LOCK_FILE)), Path(folder, LOCK_HOLDER_FILE)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock.acquire(blocking=False)
+        except Timeout:
+            raise InputError(
+                f"{folder} is in use by another run ({lock_holder(holder_file)}); wait for it to end or stop it, or "
+                f"point this run at another folder"
+            ) from None
+        except OSError as error:
+            raise InputError(f"cannot lock {folder}: {error.strerror}; make it a writable folder") from None
+        held_locks[folder] = lock
+        if holder_file.exists():
+            print(f"lock: {folder} was locked by a run that ended without releasing it ({lock_holder(holder_file)})")
+        holder = {"script": Path(__file__).name, "pid": os.getpid(), "started_at": run_started_at}
+        holder_file.write_text(json.dumps(holder) + "\n", encoding="utf-8")
+
+
+def lock_holder(holder_file: Path) -> str:
+    """The holder named in a lock's side file, as words."""
+    try:
+        holder = json.loads(holder_file.read_text(encoding="utf-8"))
+        return f"{holder['script']}, pid {holder['pid']}, started {holder['started_at']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown: {holder_file} is missing or unreadable"
+
+
+def release_locks() -> None:
+    """Remove the lock files while still holding them (filelock retries a removed file), then release the locks."""
+    for folder, lock in list(held_locks.items()):
+        for name in (LOCK_HOLDER_FILE, LOCK_FILE):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+        lock.release()
+        del held_locks[folder]
+
+
+def releasing_locks(main):
+    """main(), releasing the locks it took on any exit, also when it is called directly (the tests do)."""
+
+    @functools.wraps(main)
+    def main_releasing_locks():
+        try:
+            return main()
+        finally:
+            release_locks()
+
+    return main_releasing_locks
+
+
+def run(main) -> None:
+    """The script as a command: `--help` (or `-h`) prints the help; another argument is refused, since settings are
+    constants and environment variables; else main(). An InputError is one `error:` line and exit code 2; a Result
+    is its message on stdout and exit code 1."""
+    code = 0
+    try:
+        if sys.argv[1:] in (["--help"], ["-h"]):
+            print(help_text())
+        elif sys.argv[1:]:
+            script = Path(__file__).name
+            raise InputError(
+                f"unknown argument {sys.argv[1]!r}: {script} takes no arguments but --help; its settings are the "
+                f"constants at the top of {script}, overridden by name in .env or the environment "
+                f"(NAME=value python {script})"
+            )
+        else:
+            code = main() or 0
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except Result as result:
+        print(result)
+        code = 1
+    finally:
+        release_locks()
+    sys.exit(code)
+
+
+# --- end of settings block ---
+
+
+@releasing_locks
+def main() -> int:
+    # 1. Settings; the output folder is writable and locked for this run; the registry is readable (before scoring).
+    s = settings()
+    print_settings(s)
+    output_dir, checkpoint = Path(s.OUTPUT_DIR), Path(s.CHECKPOINT_PATH)
+    ensure_writable(output_dir)
+    lock_folders([s.OUTPUT_DIR])
+    registry = read_registry(output_dir / "registry.jsonl")
+
+    # 2. The checkpoint, its lineage and the base model it was trained from.
+    lineage, base_name = checkpoint_lineage_and_base(checkpoint, output_dir, s)
+
+    # 3. The test queries and the corpus they search, built the way train.py builds its validation evaluator.
+    test = read_split(Path(s.TEST_PATH))
+    queries, corpus, relevant_docs, query_languages = ir_inputs(
+        test, corpus_frames(s, test), s.GROUP_IDENTICAL_ANSWERS, s.LANGUAGE_COLUMN
+    )
+    print(f"test: {len(test)} rows, {len(queries)} queries; corpus ({s.CORPUS_SCOPE}): {len(corpus)} documents")
+
+    # 4. Contamination: did the test set leak into the training data behind this checkpoint? The general sets are
+    #    read and checked here too, before any model is loaded.
+    contamination = contamination_report(test, lineage, checkpoint, Path(s.TEST_PATH))
+    print_contamination(contamination)
+    general_sets = read_general_sets(s, test, lineage)
+
+    # 5. Score base, fine-tuned and BM25 on the same queries and corpus; the same evaluator for both models.
+    evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
+    if s.PRIMARY_METRIC not in metric_names(evaluator):
+        raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
+    # The checkpoint loads first: a broken one should fail at once, not after the base model was scored.
+    models = {
+        "finetuned": load_model(str(checkpoint), "CHECKPOINT_PATH"),
+        "base": load_model(base_name, "BASE_MODEL_NAME"),
+    }
+    rankings = {system: model_rankings(evaluator, models[system]) for system in ("base", "finetuned")}
+    rankings["bm25"] = bm25_rankings(evaluator)
+    scopes, scores = scope_scores(evaluator, rankings, query_languages)
+    if len(scopes) == 1:
+        print(f"per language: the test split has no {s.LANGUAGE_COLUMN!r} column, so overall metrics only")
+
+    # 6. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric; then
+    #    the same, without BM25, for each general set (scored by the same two model objects).
+    for line in metric_lines("test", scores, evaluator.score_function_names[0]):  # "cosine" for these models
+        print(line)
+    bootstrap, per_query = verdict_bootstrap(rankings, relevant_docs, evaluator.queries_ids, scores, s)
+    general = general_report(general_sets, {"base": models["base"], "finetuned": models["finetuned"]}, s)
+    print_general(general)
+
+    # 7. The gate fails closed: NaN or inf anywhere blocks, and every reason to block is printed, not just the first.
+    reasons = non_finite_reasons(models, rankings, scores, general) + gate_reasons(scores, contamination, s, general)
+    print("gate: PASSED" if not reasons else "gate: BLOCKED")
+    for reason in reasons:
+        print(f"  - {reason}")
+
+    # 8. Keep the result: lineage (history), reports (the latest evaluation), and last the registry (what may ship),
+    #    so that a failure on the way leaves no half-registered version.
+    report = evaluation_report(s, base_name, len(corpus), scopes, scores, bootstrap, per_query, contamination, general,
+                               reasons)  # fmt: skip
+    inside_registry = Path(s.OUTPUT_DIR, "registry").resolve() in checkpoint.resolve().parents
+    append_evaluation(checkpoint, lineage, report, inside_registry)
+    plan = registration_plan(checkpoint, output_dir, registry) if not reasons and not inside_registry else None
+    report["registry"] = plan and {key: plan[key] for key in ("version", "path", "new")}
+    write_reports(output_dir, report)
+    if plan:
+        register(plan, checkpoint, output_dir, lineage, report)
+    return 0 if not reasons else 1
+
+
+def checkpoint_lineage_and_base(checkpoint: Path, output_dir: Path, s: SimpleNamespace) -> tuple[dict | None, str]:
+    """The checkpoint's lineage.json (None for a model trained elsewhere) and the name of its base model; warns when
+    the prompts differ from the ones it was trained with."""
     if not checkpoint.is_dir():
-        raise InputError(f"checkpoint {checkpoint} not found; {existing_checkpoints_hint(Path(s.OUTPUT_DIR))}")
+        raise InputError(f"checkpoint {checkpoint} not found; {existing_checkpoints_hint(output_dir)}")
+    if checkpoint.resolve() == output_dir.resolve() or checkpoint.resolve() in output_dir.resolve().parents:
+        raise InputError(
+            f"CHECKPOINT_PATH={str(checkpoint)!r} holds OUTPUT_DIR={str(output_dir)!r}, where the reports and the "
+            f"registry are written; set CHECKPOINT_PATH to the model folder (e.g. {output_dir / 'final'})"
+        )
     lineage = read_lineage(checkpoint)
     base_name = s.BASE_MODEL_NAME or (lineage or {}).get("base_model", {}).get("name") or s.MODEL_NAME
     print(f"checkpoint: {checkpoint}" + (" (LoRA adapter, loaded on its base)" if (lineage or {}).get("lora") else ""))
@@ -71,67 +487,57 @@ def main() -> int:
         trained = trained_settings.get(name)
         if trained is not None and trained != vars(s)[name]:
             print(f"warning: the model was trained with {name}={trained!r} but is scored with {vars(s)[name]!r}")
+    return lineage, base_name
 
-    # 2. The test queries and the corpus they search, built the way train.py builds its validation evaluator.
-    test = read_split(Path(s.TEST_PATH))
-    corpus_paths = [Path(s.TRAIN_PATH), Path(s.VALIDATION_PATH), Path(s.TEST_PATH)]
-    corpus_frames = [read_split(path) for path in corpus_paths] if s.CORPUS_SCOPE == "all" else [test]
-    queries, corpus, relevant_docs, query_languages = ir_inputs(
-        test, corpus_frames, s.GROUP_IDENTICAL_ANSWERS, s.LANGUAGE_COLUMN
-    )
-    print(f"test: {len(test)} rows, {len(queries)} queries; corpus ({s.CORPUS_SCOPE}): {len(corpus)} documents")
 
-    # 3. Contamination: did the test set leak into the training data behind this checkpoint? The general sets are
-    # read and checked here too, before any model is scored.
-    contamination = contamination_report(test, lineage, checkpoint, Path(s.TEST_PATH))
-    print_contamination(contamination)
-    general_sets = read_general_sets(s, test, lineage)
+def corpus_frames(s: SimpleNamespace, test: pd.DataFrame) -> list[pd.DataFrame]:
+    """The splits whose answers form the corpus: all three (CORPUS_SCOPE=all), or the test split only."""
+    if s.CORPUS_SCOPE == "test":
+        return [test]
+    return [read_split(Path(path)) for path in (s.TRAIN_PATH, s.VALIDATION_PATH, s.TEST_PATH)]
 
-    # 4. Score base, fine-tuned and BM25 on the same queries and corpus; the same evaluator for both models.
-    evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
-    if s.PRIMARY_METRIC not in metric_names(evaluator):
-        raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
-    # The checkpoint loads first: a broken one should fail at once, not after the base model was scored.
-    finetuned_model = load_model(str(checkpoint), "CHECKPOINT_PATH")
-    base_model = load_model(base_name, "BASE_MODEL_NAME")
-    rankings = {
-        "base": model_rankings(evaluator, base_model),
-        "finetuned": model_rankings(evaluator, finetuned_model),
-        "bm25": bm25_rankings(evaluator),
+
+def non_finite_reasons(models: dict, rankings: dict, scores: dict, general: dict | None = None) -> list[str]:
+    """Reasons to block for NaN or inf in the models' weights, their similarity scores or any metric (of the test
+    split and of the general sets): NaN compares false with every threshold, so without these a broken model could
+    pass the rules below."""
+    import torch
+
+    names = {"finetuned": "the fine-tuned model", "base": "the base model", "bm25": "BM25"}
+    reasons = []
+    for system, model in models.items():
+        tensors = [p for p in model.state_dict().values() if torch.is_floating_point(p)]
+        broken = sum(not bool(torch.isfinite(p).all()) for p in tensors)
+        if broken:
+            reasons.append(f"{names[system]} has NaN or inf in {broken} of {len(tensors)} weight tensors")
+    for system, ranking in rankings.items():
+        broken = sum(not all(math.isfinite(hit["score"]) for hit in hits) for hits in ranking.values())
+        if broken:
+            reasons.append(f"{names[system]} gives NaN or inf similarity scores for {broken} of {len(ranking)} queries")
+    scored = {"": scores} | {
+        f" of general set {g['name']}": {"all": g["metrics"]} | g["by_language"]
+        for g in (general or {}).get("sets", [])
     }
-    scopes, scores = scope_scores(evaluator, rankings, query_languages)
-    if len(scopes) == 1:
-        print(f"per language: the test split has no {s.LANGUAGE_COLUMN!r} column, so overall metrics only")
+    for where, scope_systems in scored.items():
+        for scope, systems in scope_systems.items():
+            for system, metrics in systems.items():
+                bad = [m for m, value in metrics.items() if not math.isfinite(value)] if system in names else []
+                if bad:
+                    what = f"{names[system]}'s {', '.join(bad)} on {scope} queries{where}"
+                    reasons.append(f"{what} are not finite numbers")
+    return reasons
 
-    # 5. Print the recipe's lines, then a verdict from a paired bootstrap over queries on the primary metric; then
-    # the same, without BM25, for each general set (scored by the same two model objects).
-    for line in metric_lines("test", scores, evaluator.score_function_names[0]):  # "cosine" for these models
-        print(line)
-    per_query = {k: per_query_scores(rankings[k], relevant_docs, evaluator.queries_ids, s.PRIMARY_METRIC)
-                 for k in rankings}  # fmt: skip
-    bootstrap = {"metric": s.PRIMARY_METRIC} | bootstrap_report(
-        per_query["base"], per_query["finetuned"], per_query["bm25"], s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED
-    )
-    print(verdict_line(s.PRIMARY_METRIC, bootstrap))
-    bm25, finetuned = scores["all"]["bm25"][s.PRIMARY_METRIC], scores["all"]["finetuned"][s.PRIMARY_METRIC]
-    if bm25 > finetuned:
-        print(f"note: BM25 beats the fine-tuned model on {s.PRIMARY_METRIC} ({bm25:.4f} vs {finetuned:.4f})")
-    general = general_report(general_sets, {"base": base_model, "finetuned": finetuned_model}, s)
-    print_general(general)
 
-    # 6. The gate: every reason to block is printed, not just the first.
-    reasons = gate_reasons(scores, contamination, s, general)
-    print("gate: PASSED" if not reasons else "gate: BLOCKED")
-    for reason in reasons:
-        print(f"  - {reason}")
-
-    # 7. Keep the result: lineage (history), registry (what may ship), reports (the latest evaluation).
-    report = {
+def evaluation_report(s: SimpleNamespace, base_name: str, documents: int, scopes: dict, scores: dict, bootstrap: dict,
+                      per_query: dict, contamination: dict, general: dict, reasons: list[str]) -> dict:  # fmt: skip
+    """What eval_report.json records and lineage.json and the registry take their entries from."""
+    language_of = {qid: scope for scope, qids in scopes.items() if scope != "all" for qid in qids}
+    return {
         "evaluated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "checkpoint": str(checkpoint),
+        "checkpoint": s.CHECKPOINT_PATH,
         "base_model": base_name,
-        "corpus": {"scope": s.CORPUS_SCOPE, "documents": len(corpus), "grouped": s.GROUP_IDENTICAL_ANSWERS},
-        "queries": len(evaluator.queries_ids),
+        "corpus": {"scope": s.CORPUS_SCOPE, "documents": documents, "grouped": s.GROUP_IDENTICAL_ANSWERS},
+        "queries": len(scopes["all"]),
         "settings": vars(s),
         "gate": {
             "passed": not reasons,
@@ -146,59 +552,11 @@ def main() -> int:
         "by_language": by_language(scopes, scores),
         "bootstrap": bootstrap,
         # the primary metric per test query (what the bootstrap resamples), for benchmarks that pool runs
-        "per_query": {
-            qid: {"base": float(base), "finetuned": float(tuned), "language": query_languages[qid]}
-            for qid, base, tuned in zip(evaluator.queries_ids, per_query["base"], per_query["finetuned"], strict=True)
-        },
+        "per_query": {qid: scores | {"language": language_of.get(qid)} for qid, scores in per_query.items()},
         "contamination": contamination,
         "general": general,
         "registry": None,
     }
-    inside_registry = Path(s.OUTPUT_DIR, "registry").resolve() in checkpoint.resolve().parents
-    if inside_registry:
-        print(f"registry: {checkpoint} is a registered version: its lineage.json and the registry stay unchanged")
-    elif lineage is None:
-        print(f"lineage: {checkpoint} has no lineage.json; this evaluation is kept in the reports only")
-    else:
-        append_evaluation(checkpoint, lineage, report)
-    if not reasons and not inside_registry:
-        report["registry"] = register(checkpoint, Path(s.OUTPUT_DIR), lineage, report)
-    write_reports(Path(s.OUTPUT_DIR), report)
-    return 0 if not reasons else 1
-
-
-def settings() -> SimpleNamespace:
-    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
-    load_dotenv(".env")
-    values = {name: env_value(name, value) for name, value in globals().items() if name.isupper()}
-    data_dir = values["DATA_DIR"]
-    values["TRAIN_PATH"] = values["TRAIN_PATH"] or os.path.join(data_dir, "qa_training_set.csv")
-    values["VALIDATION_PATH"] = values["VALIDATION_PATH"] or os.path.join(data_dir, "qa_validation_set.csv")
-    values["TEST_PATH"] = values["TEST_PATH"] or os.path.join(data_dir, "qa_test_set.csv")
-    values["CHECKPOINT_PATH"] = values["CHECKPOINT_PATH"] or os.path.join(values["OUTPUT_DIR"], "final")
-    if values["CORPUS_SCOPE"] not in ("all", "test"):
-        raise InputError(f"CORPUS_SCOPE={values['CORPUS_SCOPE']!r} is not valid; set it to 'all' or 'test'")
-    if values["BOOTSTRAP_RESAMPLES"] < 1:
-        raise InputError("BOOTSTRAP_RESAMPLES must be at least 1; set e.g. BOOTSTRAP_RESAMPLES=1000")
-    return SimpleNamespace(**values)
-
-
-def env_value(name: str, default):
-    """The environment's value for `name`, parsed by the type of the default."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if isinstance(default, bool):
-        if raw.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.strip().lower() in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"{name}={raw!r} is not a boolean; set it to true or false (1/0, yes/no, on/off)")
-    try:
-        return type(default)(raw.strip()) if isinstance(default, int | float) else raw
-    except ValueError:
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise InputError(f"{name}={raw!r} is not {kind}; set it like {name}={default}") from None
 
 
 def ensure_writable(output_dir: Path) -> None:
@@ -230,9 +588,28 @@ def read_lineage(checkpoint: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        lineage = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e}); restore it from the training run") from None
+    # The parts eval.py reads, and their types: valid JSON of another shape is as unusable as broken JSON.
+    shape = {"base_model": dict, "settings": dict, "data": dict, "evaluations": list, "lora": bool}
+    wrong = [
+        key
+        for key, kind in shape.items()
+        if isinstance(lineage, dict) and not isinstance(lineage.get(key, kind()), kind)
+    ]
+    data = lineage.get("data", {}) if isinstance(lineage, dict) else {}
+    wrong += [
+        f"data.{key}"
+        for key in ("train", "split_manifest")
+        if isinstance(data, dict) and not isinstance(data.get(key, {}), dict)
+    ]
+    if not isinstance(lineage, dict) or wrong:
+        what = ", ".join(wrong) if isinstance(lineage, dict) else f"a JSON {type(lineage).__name__}, not an object"
+        raise InputError(
+            f"{path} is not a lineage.json as train.py writes it ({what}); restore it from the training run"
+        )
+    return lineage
 
 
 def read_split(path: Path, setting: str | None = None) -> pd.DataFrame:
@@ -277,6 +654,9 @@ def ir_inputs(
     identical copy of the right answer is the right answer. Ungrouped: the recipe's one id per row.
     Ids are zero-padded so that the evaluator's tie-break (ascending id) follows corpus order.
     """
+    # Found regardless of case and surrounding spaces, as split_data.py finds its columns.
+    wanted = language_column.strip().casefold()
+    language_column = next((c for c in test.columns if wanted and c.strip().casefold() == wanted), language_column)
     has_language = language_column in test.columns
     queries, relevant_docs, languages = {}, {}, {}
     if group:
@@ -321,21 +701,36 @@ def contamination_counts(test: pd.DataFrame, train: pd.DataFrame, group_column: 
         "shared_answers": int(answers.sum()),
     }
     if group_column and group_column in test.columns and group_column in train.columns:
-        test_groups = test[group_column].str.strip()
-        shared_groups = test_groups.ne("") & test_groups.isin(set(train[group_column].str.strip()))
+        test_groups = group_values(test[group_column])
+        shared_groups = test_groups.ne("") & test_groups.isin(set(group_values(train[group_column])))
         leaked |= shared_groups
         counts |= {"group_column": group_column, "shared_group_ids": int(shared_groups.sum())}
     return counts | {"leaked_rows": int(leaked.sum()), "leaked_fraction": float(leaked.mean())}
 
 
+def group_values(column: pd.Series) -> pd.Series:
+    """A GROUP_COLUMN's values stripped, with the markers of a missing value ("NULL", "NA", ...) as "": as in
+    split_data.py, they link nothing."""
+    values = column.str.strip()
+    return values.mask(values.str.casefold().isin(missing_markers), "")
+
+
 def split_group_column(lineage: dict) -> str | None:
     """The GROUP_COLUMN the training split was made with, from the split manifest named in the lineage."""
     manifest_path = ((lineage.get("data") or {}).get("split_manifest") or {}).get("path")
+    if not isinstance(manifest_path, str) or not manifest_path:
+        return None
     try:
-        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8")) if manifest_path else {}
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return (manifest.get("settings") or {}).get("GROUP_COLUMN") or None
+    settings = manifest.get("settings") if isinstance(manifest, dict) else None
+    if not isinstance(settings, dict) or not isinstance(settings.get("GROUP_COLUMN", ""), str):
+        raise InputError(
+            f"{manifest_path} (the split manifest named in lineage.json) is not a manifest as split_data.py writes it "
+            "(no settings object with a text GROUP_COLUMN); restore it, or rerun split_data.py and train.py"
+        )
+    return settings.get("GROUP_COLUMN") or None
 
 
 def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: Path, test_path: Path) -> dict:
@@ -347,7 +742,7 @@ def contamination_report(test: pd.DataFrame, lineage: dict | None, checkpoint: P
     if lineage is None:
         return {"checked": False, "warnings": [f"no lineage.json in {checkpoint}: contamination check skipped"]}
     train_info = lineage.get("data", {}).get("train", {})
-    if not train_info.get("path"):
+    if not isinstance(train_info.get("path"), str) or not train_info["path"]:
         raise InputError(f"{checkpoint / 'lineage.json'} has no data.train.path; restore it from the training run")
     train_path = Path(train_info["path"])
     if not train_path.is_file():
@@ -500,13 +895,13 @@ def load_model(name: str, setting: str):
     local = Path(name).exists()
     if not local and (os.path.isabs(name) or name.startswith((".", "~"))):
         raise InputError(f"model folder {name} not found; set {setting} in .env to an existing model folder")
+    adapter_config = Path(name, "adapter_config.json")
+    base = adapter_base_model(adapter_config) if adapter_config.is_file() else None
     try:
         return SentenceTransformer(name, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1" or local)
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        adapter_config = Path(name, "adapter_config.json")
-        if adapter_config.is_file():
-            base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base:
             raise InputError(
                 f"cannot load LoRA adapter {name!r}: {detail}; its base model {base!r} (base_model_name_or_path in "
                 f"{adapter_config}) must be a loadable model folder or hub name"
@@ -520,6 +915,23 @@ def load_model(name: str, setting: str):
             f"cannot load model {name!r}: no network or hub access ({detail}); set {setting} in .env to a local "
             "model folder"
         ) from None
+
+
+def adapter_base_model(adapter_config: Path) -> str:
+    """The base model a LoRA adapter names in its adapter_config.json."""
+    try:
+        config = json.loads(adapter_config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{adapter_config} is not valid JSON ({e}); restore the adapter from the training run"
+        ) from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise InputError(
+            f"{adapter_config} is not an adapter config as peft writes it (no base_model_name_or_path text); restore "
+            "the adapter from the training run"
+        )
+    return base
 
 
 def test_evaluator(queries: dict, corpus: dict, relevant_docs: dict, query_prompt: str, passage_prompt: str,
@@ -635,6 +1047,24 @@ def per_query_scores(
     return np.array(values, dtype=float)
 
 
+def verdict_bootstrap(
+    rankings: dict, relevant_docs: dict, query_ids: list[str], scores: dict, s: SimpleNamespace
+) -> tuple[dict, dict]:
+    """The paired bootstrap of the primary metric's gain (printed as the verdict line), and a note when BM25 wins;
+    also the per-query scores it resampled, {query id: {"base", "finetuned"}}, which the report keeps."""
+    metric = s.PRIMARY_METRIC
+    per_query = {
+        k: per_query_scores(rankings[k], relevant_docs, query_ids, metric) for k in ("base", "finetuned", "bm25")
+    }
+    bootstrap = {"metric": metric} | bootstrap_report(*per_query.values(), s.BOOTSTRAP_RESAMPLES, s.BOOTSTRAP_SEED)
+    print(verdict_line(metric, bootstrap))
+    bm25, finetuned = scores["all"]["bm25"][metric], scores["all"]["finetuned"][metric]
+    if bm25 > finetuned:
+        print(f"note: BM25 beats the fine-tuned model on {metric} ({bm25:.4f} vs {finetuned:.4f})")
+    pairs = zip(query_ids, per_query["base"], per_query["finetuned"], strict=True)
+    return bootstrap, {qid: {"base": float(base), "finetuned": float(tuned)} for qid, base, tuned in pairs}
+
+
 def paired_bootstrap_ci(base: np.ndarray, finetuned: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
     """95% interval of the mean per-query delta, resampling queries with replacement (both systems together)."""
     deltas = finetuned - base
@@ -704,8 +1134,9 @@ def verdict_line(metric: str, bootstrap: dict) -> str:
 
 def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace, general: dict | None = None) -> list[str]:
     """Every reason to block this model; empty means it passes."""
+    # Each rule is written as "not (value within its limit)", so that a NaN value blocks instead of passing.
     metric, reasons = s.PRIMARY_METRIC, []
-    if contamination["checked"] and contamination["leaked_fraction"] > s.MAX_CONTAMINATION:
+    if contamination["checked"] and not contamination["leaked_fraction"] <= s.MAX_CONTAMINATION:
         c = contamination
         reasons.append(
             f"the test set leaked into training: {c['leaked_rows']} of {c['test_rows']} test rows "
@@ -713,18 +1144,18 @@ def gate_reasons(scores: dict, contamination: dict, s: SimpleNamespace, general:
             f"(MAX_CONTAMINATION={s.MAX_CONTAMINATION:.1%}); these scores are inflated, re-split and retrain"
         )
     delta = scores["all"]["finetuned"][metric] - scores["all"]["base"][metric]
-    if delta < s.MIN_IMPROVEMENT:
+    if not delta >= s.MIN_IMPROVEMENT:
         reasons.append(f"no gain: {metric} Δ={signed(delta)} over the base model, MIN_IMPROVEMENT={s.MIN_IMPROVEMENT}")
     for lang, systems in scores.items():
         drop = systems["base"][metric] - systems["finetuned"][metric]
-        if lang != "all" and drop > s.MAX_LANGUAGE_DROP:
+        if lang != "all" and not drop <= s.MAX_LANGUAGE_DROP:
             reasons.append(
                 f"language {lang} regressed: {metric} {systems['base'][metric]:.4f} -> "
                 f"{systems['finetuned'][metric]:.4f} (Δ={signed(-drop)}), MAX_LANGUAGE_DROP={s.MAX_LANGUAGE_DROP}"
             )
     for g in (general or {}).get("sets", []):
         base, finetuned = g["metrics"]["base"][metric], g["metrics"]["finetuned"][metric]
-        if base - finetuned > s.MAX_GENERAL_DROP:
+        if not base - finetuned <= s.MAX_GENERAL_DROP:
             reasons.append(
                 f"general set {g['name']} ({g['path']}) regressed: {metric} {base:.4f} -> {finetuned:.4f} "
                 f"(Δ={signed(finetuned - base)}), MAX_GENERAL_DROP={s.MAX_GENERAL_DROP}; the in-domain gain was "
@@ -750,8 +1181,15 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise InputError(f"cannot write {path}: {e.strerror or e}; free disk space or fix permissions") from None
 
 
-def append_evaluation(checkpoint: Path, lineage: dict, report: dict) -> None:
-    """Add this evaluation to the checkpoint's lineage.json: its history of evaluations is never rewritten."""
+def append_evaluation(checkpoint: Path, lineage: dict | None, report: dict, inside_registry: bool) -> None:
+    """Add this evaluation to the checkpoint's lineage.json: its history of evaluations is never rewritten. A
+    registered version stays unchanged, and a model without lineage.json keeps this evaluation in the reports only."""
+    if inside_registry:
+        print(f"registry: {checkpoint} is a registered version: its lineage.json and the registry stay unchanged")
+        return
+    if lineage is None:
+        print(f"lineage: {checkpoint} has no lineage.json; this evaluation is kept in the reports only")
+        return
     keep = ("evaluated_at", "base_model", "corpus", "queries", "gate", "metrics", "by_language", "bootstrap", "general")
     evaluation = {key: report[key] for key in keep} | {
         "contamination": {k: v for k, v in report["contamination"].items() if k != "warnings"}
@@ -769,23 +1207,34 @@ def model_fingerprint(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: dict) -> dict:
+def registration_plan(checkpoint: Path, output_dir: Path, entries: list[dict]) -> dict:
+    """The registry version of a passing model: the one it already has (the same model files passed before), or the
+    next free one. register() then makes it so."""
+    fingerprint = model_fingerprint(checkpoint)
+    for entry in entries:
+        if entry["model_sha256"] == fingerprint:
+            return {"version": entry["version"], "path": entry["path"], "new": False, "model_sha256": fingerprint}
+    numbers = [int(p.name[1:]) for p in (output_dir / "registry").glob("v[0-9]*") if p.name[1:].isdigit()]
+    numbers += [int(entry["version"][1:]) for entry in entries]
+    version = f"v{max(numbers, default=0) + 1:04d}"
+    return {
+        "version": version,
+        "path": str(output_dir / "registry" / version),
+        "new": True,
+        "model_sha256": fingerprint,
+    }
+
+
+def register(plan: dict, checkpoint: Path, output_dir: Path, lineage: dict | None, report: dict) -> None:
     """Copy a passing model to registry/v<NNNN>/ (read-only) and append one line to registry.jsonl.
 
     The registry is append-only: earlier lines are never rewritten, earlier versions never touched. The same model
     files passing again are not registered twice.
     """
-    registry_file = output_dir / "registry.jsonl"
-    entries = read_registry(registry_file)
-    fingerprint = model_fingerprint(checkpoint)
-    for entry in entries:
-        if entry.get("model_sha256") == fingerprint:
-            print(f"registry: this model is already registered as {entry['version']} ({entry['path']})")
-            return {"version": entry["version"], "path": entry["path"], "new": False}
-    numbers = [int(p.name[1:]) for p in (output_dir / "registry").glob("v[0-9]*") if p.name[1:].isdigit()]
-    numbers += [int(entry["version"][1:]) for entry in entries]
-    version = f"v{max(numbers, default=0) + 1:04d}"
-    target = output_dir / "registry" / version
+    if not plan["new"]:
+        print(f"registry: this model is already registered as {plan['version']} ({plan['path']})")
+        return
+    registry_file, version, target = output_dir / "registry.jsonl", plan["version"], Path(plan["path"])
     staging = output_dir / "registry" / f".{version}.tmp"
     try:
         shutil.rmtree(staging, ignore_errors=True)
@@ -796,18 +1245,22 @@ def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: d
         os.rename(staging, target)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"cannot copy {checkpoint} to {target}: {e.strerror or e}; free disk space") from None
+        raise InputError(
+            f"cannot copy {checkpoint} to {target}: {e.strerror or e}; free disk space (the reports name {version}, "
+            "which is not registered: rerun eval.py)"
+        ) from None
     lineage = lineage or {}
+    data = lineage.get("data") or {}
     entry = {
         "version": version,
         "path": str(target),
         "registered_at": report["evaluated_at"],
         "source": str(checkpoint),
-        "model_sha256": fingerprint,
+        "model_sha256": plan["model_sha256"],
         "lineage": {
             "base_model": report["base_model"],
-            "train_sha256": lineage.get("data", {}).get("train", {}).get("sha256"),
-            "test_sha256": lineage.get("data", {}).get("test_sha256"),
+            "train_sha256": (data.get("train") or {}).get("sha256"),
+            "test_sha256": data.get("test_sha256"),
             "git_commit": lineage.get("git_commit"),
             "finished_at": lineage.get("finished_at"),
             "lora": lineage.get("lora", False),
@@ -825,9 +1278,11 @@ def register(checkpoint: Path, output_dir: Path, lineage: dict | None, report: d
         except OSError as e:  # no torn last line, no version folder without its line
             f.truncate(size)
             shutil.rmtree(target, ignore_errors=True)
-            raise InputError(f"cannot append to {registry_file}: {e.strerror or e}; free disk space") from None
+            raise InputError(
+                f"cannot append to {registry_file}: {e.strerror or e}; free disk space (the reports name {version}, "
+                "which is not registered: rerun eval.py)"
+            ) from None
     print(f"registry: registered {version} at {target} (line appended to {registry_file})")
-    return {"version": version, "path": str(target), "new": True}
 
 
 def general_scores(report: dict) -> dict:
@@ -842,16 +1297,29 @@ def general_scores(report: dict) -> dict:
 
 
 def read_registry(registry_file: Path) -> list[dict]:
+    """registry.jsonl's entries, each checked to be an object with a version, a path and a model_sha256, so that a
+    damaged registry stops the run before the slow scoring."""
     if not registry_file.exists():
         return []
+    try:
+        text = registry_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {registry_file} ({e}); restore it from a backup (it is append-only)") from None
     entries = []
-    for number, line in enumerate(registry_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
+            entry = None
+        expected = {"version": r"v\d+", "path": r".+", "model_sha256": r"[0-9a-f]{64}"}
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(key), str) and re.fullmatch(pattern, entry[key]) for key, pattern in expected.items()
+        ):
             raise InputError(
-                f"{registry_file} line {number} is not valid JSON; restore the file from a backup (it is append-only)"
-            ) from None
+                f"{registry_file} line {number} is not a registry entry (a JSON object with a version like v0001, a "
+                "path and a model_sha256); restore the file from a backup (it is append-only)"
+            )
+        entries.append(entry)
     return entries
 
 
@@ -961,8 +1429,4 @@ def general_markdown(report: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -3,7 +3,8 @@
 Reads DATA_PATH (default data/qa_data.csv), cleans it, drops exact duplicates, groups the rows that must stay
 together (same normalised question, same answer, same GROUP_COLUMN value) and puts whole groups into train,
 validation and test (80/10/10). Rows that an earlier run already split keep their split, so the test set stays
-the test set as the data grows. Writes the three split CSVs and DATA_DIR/split_manifest.json.
+the test set as the data grows. Writes the three split CSVs and DATA_DIR/split_manifest.json (a .lock beside them
+keeps a second run out while this one runs).
 
     python split_data.py
     DATA_PATH=my_faq.csv GROUP_COLUMN=id python split_data.py
@@ -12,34 +13,374 @@ the test set as the data grows. Writes the three split CSVs and DATA_DIR/split_m
 import codecs
 import contextlib
 import csv
+import difflib
+import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
+import time
+import tokenize
 import unicodedata
 from functools import cache
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-# --- Settings: edit here, or override any of them by name in .env or the environment ---
-DATA_DIR = "data"
+# --- Settings: edit here, or override any of them by name in .env or the environment (`--help` lists them) ---
+DATA_DIR = "data"  # the folder of the input, the splits and the manifest
 DATA_PATH = ""  # "" -> DATA_DIR/qa_data.csv
 TRAIN_PATH = ""  # "" -> DATA_DIR/qa_training_set.csv
 VALIDATION_PATH = ""  # "" -> DATA_DIR/qa_validation_set.csv
 TEST_PATH = ""  # "" -> DATA_DIR/qa_test_set.csv
 SPLIT_MANIFEST_PATH = ""  # "" -> DATA_DIR/split_manifest.json
 SEED = 42  # decides the order in which new groups are dealt out to the splits
-VALIDATION_FRACTION = 0.1
-TEST_FRACTION = 0.1
+VALIDATION_FRACTION = 0.1  # share of the rows that go to the validation split
+TEST_FRACTION = 0.1  # share of the rows that go to the test split
 GROUP_COLUMN = ""  # rows with the same non-empty value here share a split, e.g. "id" keeps XQuAD translations together
 SCRUB_PII = False  # replace e-mail addresses, phone numbers and IBANs in questions and answers by placeholders
+
+# What the settings block below allows: a rule per setting ('>0', '>=1', '[0,1)', '(0,1)', 'a|b', 'nonempty'; every
+# float must be finite), checks across settings, the paths "" fills in, and the paths that must be different files.
+LIMITS = {"DATA_DIR": "nonempty", "VALIDATION_FRACTION": "(0,1)", "TEST_FRACTION": "(0,1)"}
+CHECKS = [
+    (
+        ("VALIDATION_FRACTION", "TEST_FRACTION"),
+        lambda v: v["VALIDATION_FRACTION"] + v["TEST_FRACTION"] < 1,
+        "their sum must stay below 1, or nothing is left to train on",
+    )
+]
+DERIVED_PATHS = {
+    "DATA_PATH": ("DATA_DIR", "qa_data.csv"),
+    "TRAIN_PATH": ("DATA_DIR", "qa_training_set.csv"),
+    "VALIDATION_PATH": ("DATA_DIR", "qa_validation_set.csv"),
+    "TEST_PATH": ("DATA_DIR", "qa_test_set.csv"),
+    "SPLIT_MANIFEST_PATH": ("DATA_DIR", "split_manifest.json"),
+}
+DISTINCT_PATHS = ("DATA_PATH", "TRAIN_PATH", "VALIDATION_PATH", "TEST_PATH", "SPLIT_MANIFEST_PATH")
+
+# --- settings block (identical in split_data.py, train.py, eval.py) ---
+# The constants at the top are the settings: this block reads them from .env and the environment by each constant's
+# type, fills in the empty paths of DERIVED_PATHS, refuses what LIMITS, CHECKS and DISTINCT_PATHS do not allow, answers
+# --help and locks the output folder. It is copied on purpose, since the scripts share nothing but files on disk:
+# tests/test_hostile.py fails when the three copies differ, so edit one and copy it to the other two.
+ALL_SETTINGS = frozenset(
+    "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE "  # noqa: SIM905
+    "CHECKPOINT_PATH CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
+    "GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE "
+    "LORA_ALPHA LORA_LEARNING_RATE LORA_RANK LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS "
+    "MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
+    "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
+    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA "
+    "VALIDATION_FRACTION VALIDATION_PATH WARMUP_RATIO WEIGHT_DECAY".split()
+)  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
+LIBRARY_VARIABLES = (
+    "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TOKENIZERS_", "DATASETS_",
+    "ACCELERATE_", "CUDA_", "CUDNN_", "PYTORCH_", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUBLAS_", "NCCL_",
+    "GLOO_", "NVIDIA_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PYTHON", "TQDM_", "MPL",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_", "CURL_CA_BUNDLE", "LC_",
+    "LANG", "TZ", "TMPDIR", "XDG_", "PATH", "HOME",
+)  # fmt: skip  # prefixes of variables the libraries and Python read: .env may set them without a warning
+LOCK_FILE, LOCK_HOLDER_FILE = ".lock", ".lock-holder.json"  # in the locked folder; removed when the run ends
+run_started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+held_locks: dict = {}  # folder -> this process's FileLock on it
+
+
+class InputError(Exception):
+    """Bad input the user can fix: printed as one `error: ...` line, exit code 2."""
+
+
+class Result(Exception):
+    """A run that ended as it should, with an outcome that is not a success (e.g. nothing beat the base model): its
+    message is printed as is to stdout, exit code 1."""
+
+
+def settings() -> SimpleNamespace:
+    """The constants at the top, each overridden by the environment variable of its name or its line in .env (the
+    environment wins), parsed by the constant's type and checked against LIMITS, CHECKS and DISTINCT_PATHS."""
+    from_dotenv = dotenv_names()
+    values = {
+        name: checked_value(name, default, os.environ.get(name), setting_source(name, from_dotenv))
+        for name, default in setting_defaults().items()
+    }
+    for name, (folder, file_name) in DERIVED_PATHS.items():
+        values[name] = values[name] or os.path.join(values[folder], file_name)
+    for names, holds, allowed in CHECKS:
+        if not holds(values):
+            shown = " and ".join(f"{name}={values[name]!r}" for name in names)
+            raise InputError(f"{shown} do not go together: {allowed}; change them in .env or the environment")
+    seen = {}
+    for name in DISTINCT_PATHS:
+        other = seen.setdefault(Path(values[name]).resolve(), name)
+        if other != name:
+            raise InputError(
+                f"{other}={values[other]!r} and {name}={values[name]!r} are the same file; one would overwrite the "
+                f"other, so set them to different files"
+            )
+    return SimpleNamespace(**values)
+
+
+def print_settings(s: SimpleNamespace) -> None:
+    print("settings:")
+    for name, value in vars(s).items():
+        print(f"  {name} = {value}")
+
+
+def setting_comments() -> dict[str, str]:
+    """Each setting's name and comment, in order: the `NAME = value  # comment` lines from the `# --- Settings`
+    line at the top of this file to the first blank line after it."""
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("# --- Settings")) + 1
+    end = next((number for number in range(start, len(lines)) if not lines[number].strip()), len(lines))
+    comments, name = {}, None
+    for token in tokenize.generate_tokens(io.StringIO("\n".join(lines[start:end]) + "\n").readline):
+        if token.type == tokenize.NAME and token.start[1] == 0:
+            name = token.string
+            comments[name] = ""
+        elif token.type == tokenize.COMMENT and name:
+            comments[name] = token.string.lstrip("#").strip()
+    return comments
+
+
+def setting_defaults() -> dict:
+    """Each setting's value as the constant at the top of this file sets it."""
+    return {name: globals()[name] for name in setting_comments()}
+
+
+def setting_source(name: str, from_dotenv: set[str]) -> str:
+    if name in from_dotenv:
+        return "from .env"
+    return "from the environment" if name in os.environ else f"the constant in {Path(__file__).name}"
+
+
+def parsed_value(raw: str, default):
+    """`raw` as the type of `default` (yes/no words for a bool), or None when it is not one."""
+    if isinstance(default, bool):
+        words = {"1": True, "true": True, "yes": True, "on": True}
+        words |= {"0": False, "false": False, "no": False, "off": False}
+        return words.get(raw.strip().lower())
+    if not isinstance(default, int | float):
+        return raw
+    try:
+        return type(default)(raw.strip())
+    except ValueError:
+        return None
+
+
+def allowed_values(default, rule: str) -> str:
+    """What a LIMITS rule allows, in words: '>0' for an int is 'a whole number above 0'."""
+    kind = (
+        "true or false (or 1/0, yes/no, on/off)" if isinstance(default, bool)
+        else "a whole number" if isinstance(default, int)
+        else "a finite number" if isinstance(default, float)
+        else "a text"
+    )  # fmt: skip
+    if "|" in rule:
+        return "one of " + ", ".join(repr(choice) for choice in rule.split("|"))
+    if rule == "nonempty":
+        return "a non-empty text"
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = interval[2], interval[3]
+        if interval[1] == "[":
+            return f"{kind} from {low} to " + (high if interval[4] == "]" else f"below {high}")
+        return f"{kind} above {low} and " + (f"at most {high}" if interval[4] == "]" else f"below {high}")
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        words = {">": "above", ">=": "of at least", "<": "below", "<=": "of at most"}
+        return f"{kind} {words[bound[1]]} {bound[2]}"
+    return kind
+
+
+def within(value, rule: str) -> bool:
+    """Whether `value` keeps a LIMITS rule: '>0', '>=1', '[0,1)', '(0,1)', 'all|test', 'nonempty' or '' (any);
+    a float must be finite in any case."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if "|" in rule:
+        return value in rule.split("|")
+    if rule == "nonempty":
+        return bool(str(value).strip())
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = float(interval[2]), float(interval[3])
+        above = value >= low if interval[1] == "[" else value > low
+        return above and (value <= high if interval[4] == "]" else value < high)
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        limit = float(bound[2])
+        return {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[bound[1]]
+    return True
+
+
+def checked_value(name: str, default, raw: str | None, source: str):
+    """The setting's value: `raw` parsed by the type of `default` (or `default` when unset), if LIMITS allows it."""
+    value = default if raw is None else parsed_value(raw, default)
+    rule = LIMITS.get(name, "")
+    if value is None or not within(value, rule):
+        allowed = allowed_values(default, rule)
+        raise InputError(
+            f"{name}={default if raw is None else raw!r} ({source}) is not {allowed} (the default is {default!r}); "
+            f"fix it in .env or the environment"
+        )
+    return value
+
+
+def dotenv_names(path: str = ".env") -> set[str]:
+    """Put the lines of .env into the environment where it has no value yet, and return the names it set. .env may be
+    UTF-8 (with or without BOM) or UTF-16 or UTF-32 with a BOM. A name that no script and no library reads is
+    warned about: a typo such as BATCHSIZE=64 would otherwise change nothing without a word."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}; make it a readable file or remove it") from None
+    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]  # fmt: skip
+    encoding = next((name for bom, name in boms if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+        if "\x00" in text:
+            raise UnicodeDecodeError(encoding, raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path} is not readable as {encoding} ({error.reason} at byte {error.start}); save it as UTF-8 text"
+        ) from None
+    values = dotenv_values(stream=io.StringIO(text))
+    for name in values:
+        if name not in ALL_SETTINGS and not name.upper().startswith(LIBRARY_VARIABLES):
+            close = difflib.get_close_matches(name.upper(), ALL_SETTINGS, n=1)
+            print(
+                f"warning: {path} sets {name}, which is not a setting of split_data.py, train.py or eval.py"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + "; it changes nothing"
+            )
+    new = {name for name, value in values.items() if value is not None and name not in os.environ}
+    load_dotenv(stream=io.StringIO(text))
+    return new
+
+
+def help_text() -> str:
+    """The module's docstring (what the script reads and writes), then every setting: its value in effect and where
+    that comes from, its default, its comment and what is allowed."""
+    script = Path(__file__).name
+    lines = [
+        (__doc__ or "").strip(),
+        "",
+        f"Settings are the constants at the top of {script}; override any of them by name in .env or the environment",
+        f"(NAME=value python {script}). Each: its value in effect (source; default), its comment [what is allowed].",
+        "",
+    ]
+    from_dotenv = dotenv_names()
+    for name, comment in setting_comments().items():
+        default, raw = globals()[name], os.environ.get(name)
+        rule = LIMITS.get(name, "")
+        value = default if raw is None else parsed_value(raw, default)
+        if raw is None:
+            shown = f"{default!r}  (default)"
+        elif value is None or not within(value, rule):
+            shown = f"{raw!r}  ({setting_source(name, from_dotenv)}, NOT VALID; default {default!r})"
+        else:
+            shown = f"{value!r}  ({setting_source(name, from_dotenv)}; default {default!r})"
+        lines += [f"  {name} = {shown}", f"      {comment or '(no comment)'} [{allowed_values(default, rule)}]"]
+    return "\n".join(lines)
+
+
+def lock_folders(folders: list[str]) -> None:
+    """Lock each output folder for this run until the process ends: a side file names the holder (pid, start time),
+    a second run is refused with one line naming it. The OS drops the lock of a process that dies, so a killed run's
+    lock is taken over. Under torchrun only rank 0 locks. The locks are released by release_locks()."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from filelock import FileLock, Timeout
+
+    release_locks()  # those of an earlier main() in this process (tests call main() directly)
+    for folder in dict.fromkeys(folders):
+        lock, holder_file = FileLock(os.path.join(folder, LOCK_FILE)), Path(folder, LOCK_HOLDER_FILE)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock.acquire(blocking=False)
+        except Timeout:
+            raise InputError(
+                f"{folder} is in use by another run ({lock_holder(holder_file)}); wait for it to end or stop it, or "
+                f"point this run at another folder"
+            ) from None
+        except OSError as error:
+            raise InputError(f"cannot lock {folder}: {error.strerror}; make it a writable folder") from None
+        held_locks[folder] = lock
+        if holder_file.exists():
+            print(f"lock: {folder} was locked by a run that ended without releasing it ({lock_holder(holder_file)})")
+        holder = {"script": Path(__file__).name, "pid": os.getpid(), "started_at": run_started_at}
+        holder_file.write_text(json.dumps(holder) + "\n", encoding="utf-8")
+
+
+def lock_holder(holder_file: Path) -> str:
+    """The holder named in a lock's side file, as words."""
+    try:
+        holder = json.loads(holder_file.read_text(encoding="utf-8"))
+        return f"{holder['script']}, pid {holder['pid']}, started {holder['started_at']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown: {holder_file} is missing or unreadable"
+
+
+def release_locks() -> None:
+    """Remove the lock files while still holding them (filelock retries a removed file), then release the locks."""
+    for folder, lock in list(held_locks.items()):
+        for name in (LOCK_HOLDER_FILE, LOCK_FILE):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+        lock.release()
+        del held_locks[folder]
+
+
+def releasing_locks(main):
+    """main(), releasing the locks it took on any exit, also when it is called directly (the tests do)."""
+
+    @functools.wraps(main)
+    def main_releasing_locks():
+        try:
+            return main()
+        finally:
+            release_locks()
+
+    return main_releasing_locks
+
+
+def run(main) -> None:
+    """The script as a command: `--help` (or `-h`) prints the help; another argument is refused, since settings are
+    constants and environment variables; else main(). An InputError is one `error:` line and exit code 2; a Result
+    is its message on stdout and exit code 1."""
+    code = 0
+    try:
+        if sys.argv[1:] in (["--help"], ["-h"]):
+            print(help_text())
+        elif sys.argv[1:]:
+            script = Path(__file__).name
+            raise InputError(
+                f"unknown argument {sys.argv[1]!r}: {script} takes no arguments but --help; its settings are the "
+                f"constants at the top of {script}, overridden by name in .env or the environment "
+                f"(NAME=value python {script})"
+            )
+        else:
+            code = main() or 0
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except Result as result:
+        print(result)
+        code = 1
+    finally:
+        release_locks()
+    sys.exit(code)
+
+
+# --- end of settings block ---
+
 
 # Lower-case on purpose: everything UPPER_CASE above is a setting.
 split_names = ("train", "validation", "test")
@@ -60,30 +401,67 @@ pii_patterns = {
 }
 
 
-class InputError(Exception):
-    """Bad input the user can fix: printed as one `error: ...` line, exit code 2."""
-
-
+@releasing_locks
 def main() -> None:
     # 1. Settings: the constants above, overridden by .env and the environment.
     s = settings()
-    print("settings:")
-    for name, value in vars(s).items():
-        print(f"  {name} = {value}")
+    print_settings(s)
     outputs = {"train": s.TRAIN_PATH, "validation": s.VALIDATION_PATH, "test": s.TEST_PATH}
 
-    # 2. Read the input and the previous split. Split files that no longer match their manifest were edited by
-    #    hand (or restored wrongly): refusing is the only way not to lose or silently replace them.
+    # 2. Read the input; lock the output folders; read the previous split. Split files that no longer match their
+    #    manifest were edited by hand (or restored wrongly): refusing is the only way not to lose or replace them.
     raw = input_bytes(s.DATA_PATH)
     input_sha256 = hashlib.sha256(raw).hexdigest()
-    if finished_interrupted_write([*outputs.values(), s.SPLIT_MANIFEST_PATH]):
-        print(f"finished the renames of an earlier run killed while making them: {s.SPLIT_MANIFEST_PATH} is that run's")
-    previous = verified_previous_manifest(s.SPLIT_MANIFEST_PATH, outputs)
+    lock_folders([os.path.dirname(path) or "." for path in [*outputs.values(), s.SPLIT_MANIFEST_PATH]])
+    previous = previous_manifest(s, outputs)
     if previous and previous["input"]["sha256"] == input_sha256 and previous["settings"] == split_settings_of(s):
         print(f"input and settings unchanged since {s.SPLIT_MANIFEST_PATH}: the splits are up to date, nothing written")
         for name, output in previous["outputs"].items():
             print(f"  {name}: {output['rows']:,} rows in {output['path']}")
         return
+    frame, encoding, delimiter = input_table(raw, s.DATA_PATH)
+    rows_read = len(frame)
+    del raw
+    group_column = matching_column(frame, s.GROUP_COLUMN, s.DATA_PATH) if s.GROUP_COLUMN else None
+    language_column = next((c for c in frame.columns if str(c).strip().casefold() == "language"), None)
+
+    # 3. Clean: Unicode NFC and single spaces, then drop what cannot be a training pair.
+    frame, counts = cleaned_pairs(frame, s)
+    counts = {"rows_read": rows_read, **counts}
+
+    # 4. Deduplicate and group: exact duplicate pairs go, and every row joins the connected component of rows
+    #    that share its normalised question, its answer or its group value. A component never straddles splits.
+    frame, question_keys, group = grouped_pairs(frame, group_column, counts, s.DATA_PATH)
+
+    # 5. Assign: rows from the previous split keep it, new rows follow their group, new groups are dealt out.
+    frame, split = assigned_rows(frame, group, question_keys, previous, outputs, counts, s)
+
+    # 6. Write all splits to temporary files first, then rename them into place, the manifest last: a run that
+    #    dies on the way leaves the previous files whole.
+    contents = {
+        name: frame[split == i].to_csv(index=False, lineterminator="\n").encode("utf-8")
+        for i, name in enumerate(split_names)
+    }
+    if language_column:
+        languages = frame[language_column].astype(str).str.strip().to_numpy()
+        counts["by_language"] = {
+            language: {name: int(((languages == language) & (split == i)).sum()) for i, name in enumerate(split_names)}
+            for language in sorted(set(languages))
+        }
+    source = {"path": s.DATA_PATH, "sha256": input_sha256, "rows": rows_read, "encoding": encoding}
+    manifest = split_manifest(source | {"delimiter": delimiter}, counts, outputs, contents, previous, s)
+    files = {outputs[name]: contents[name] for name in split_names}
+    files[s.SPLIT_MANIFEST_PATH] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    write_atomically(files)
+    print_written(manifest, previous, s.SPLIT_MANIFEST_PATH)
+
+
+def previous_manifest(s: SimpleNamespace, outputs: dict[str, str]) -> dict | None:
+    """The previous run's manifest, its split files checked unchanged (None for a first run), after finishing the
+    renames of a run killed while making them. Changing a grouping setting under an existing split is refused."""
+    if finished_interrupted_write([*outputs.values(), s.SPLIT_MANIFEST_PATH]):
+        print(f"finished the renames of an earlier run killed while making them: {s.SPLIT_MANIFEST_PATH} is that run's")
+    previous = verified_previous_manifest(s.SPLIT_MANIFEST_PATH, outputs)
     for name in grouping_settings if previous else ():
         if previous["settings"].get(name) != vars(s)[name]:
             raise InputError(
@@ -92,19 +470,21 @@ def main() -> None:
                 f"would regroup rows that are already split; set {name} back, or delete the three split files and "
                 f"the manifest to split from scratch"
             )
-    data, encoding = utf8_bytes(raw, s.DATA_PATH)
-    del raw
-    frame, delimiter = read_table(data, s.DATA_PATH)
-    del data
-    rows_read = len(frame)
-    print(
-        f"2. read {s.DATA_PATH}: {rows_read:,} rows; columns {', '.join(frame.columns)}; {encoding}; "
-        f"delimiter {delimiter!r}"
-    )
-    group_column = matching_column(frame, s.GROUP_COLUMN, s.DATA_PATH) if s.GROUP_COLUMN else None
-    language_column = next((c for c in frame.columns if str(c).strip().casefold() == "language"), None)
+    return previous
 
-    # 3. Clean: Unicode NFC and single spaces, then drop what cannot be a training pair.
+
+def input_table(raw: bytes, path: str) -> tuple[pd.DataFrame, str, str]:
+    """The input as a table with Question and Answer first, how it was decoded and its delimiter."""
+    data, encoding = utf8_bytes(raw, path)
+    frame, delimiter = read_table(data, path)
+    print(
+        f"2. read {path}: {len(frame):,} rows; columns {', '.join(frame.columns)}; {encoding}; delimiter {delimiter!r}"
+    )
+    return frame, encoding, delimiter
+
+
+def cleaned_pairs(frame: pd.DataFrame, s: SimpleNamespace) -> tuple[pd.DataFrame, dict]:
+    """The rows with a cleaned question and answer (PII scrubbed when SCRUB_PII), and the counts of what went."""
     frame["Question"] = cleaned(frame["Question"])
     frame["Answer"] = cleaned(frame["Answer"])
     header_repeats = (frame["Question"].str.casefold() == "question") & (frame["Answer"].str.casefold() == "answer")
@@ -118,30 +498,45 @@ def main() -> None:
         f"3. cleaned: {int(header_repeats.sum()):,} repeated header lines and {int(empty.sum()):,} rows with an "
         f"empty (or NaN/NULL) question or answer dropped"
     )
-    pii_replaced = None
+    counts = {"header_repeats": int(header_repeats.sum()), "dropped_empty": int(empty.sum())}
     if s.SCRUB_PII:
         frame["Question"], question_counts = scrubbed(frame["Question"])
         frame["Answer"], answer_counts = scrubbed(frame["Answer"])
-        pii_replaced = {kind: question_counts[kind] + answer_counts[kind] for kind in pii_patterns}
-        print("   PII replaced: " + ", ".join(f"{n:,} {kind}" for kind, n in pii_replaced.items()))
+        counts["pii_replaced"] = {kind: question_counts[kind] + answer_counts[kind] for kind in pii_patterns}
+        print("   PII replaced: " + ", ".join(f"{n:,} {kind}" for kind, n in counts["pii_replaced"].items()))
+    return frame, counts
 
-    # 4. Deduplicate and group: exact duplicate pairs go, and every row joins the connected component of rows
-    #    that share its normalised question, its answer or its group value. A component never straddles splits.
+
+def grouped_pairs(
+    frame: pd.DataFrame, group_column: str | None, counts: dict, path: str
+) -> tuple[pd.DataFrame, pd.Series, np.ndarray]:
+    """The rows without exact duplicate pairs, their normalised questions and each row's group; adds the counts."""
     duplicates = frame.duplicated(["Question", "Answer"])
     frame = frame[~duplicates]
     if frame.empty:
-        raise InputError(f"{s.DATA_PATH} has no rows with both a question and an answer; add some")
+        raise InputError(f"{path} has no rows with both a question and an answer; add some")
     question_keys = frame["Question"].map(normalised_question)
-    group_values = frame[group_column].astype(str).str.strip() if group_column else None
+    group_values = cleaned(frame[group_column].astype(str)) if group_column else None  # "NULL", "NA": no group
     group = group_ids(question_keys, frame["Answer"], group_values)
-    groups = int(group.max()) + 1
+    counts |= {"exact_duplicates": int(duplicates.sum()), "groups": int(group.max()) + 1}
     linked_by = "normalised question, answer" + (f" or {group_column}" if group_column else "")
     print(
         f"4. deduplicated: {int(duplicates.sum()):,} exact duplicate pairs dropped; {len(frame):,} rows in "
-        f"{groups:,} groups (rows linked by {linked_by})"
+        f"{counts['groups']:,} groups (rows linked by {linked_by})"
     )
+    return frame, question_keys, group
 
-    # 5. Assign: rows from the previous split keep it, new rows follow their group, new groups are dealt out.
+
+def assigned_rows(
+    frame: pd.DataFrame,
+    group: np.ndarray,
+    question_keys: pd.Series,
+    previous: dict | None,
+    outputs: dict[str, str],
+    counts: dict,
+    s: SimpleNamespace,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows that are written and each one's split (0 train, 1 validation, 2 test); adds the counts."""
     previous_split = previous_splits(frame, outputs) if previous else np.full(len(frame), np.nan)
     split, bridging = assigned_splits(group, previous_split, question_keys.to_numpy(), s)
     new, held_out = int(np.isnan(previous_split).sum()), int(bridging.sum())
@@ -154,66 +549,43 @@ def main() -> None:
         print(f"   held out: row {number + 1}: {question[:80]!r}")
     frame, split = frame[~bridging], split[~bridging].astype(int)
     by_split = {name: int((split == i).sum()) for i, name in enumerate(split_names)}
-    fractions = {
-        "train": 1 - s.VALIDATION_FRACTION - s.TEST_FRACTION,
-        "validation": s.VALIDATION_FRACTION,
-        "test": s.TEST_FRACTION,
-    }
     for name, rows in by_split.items():
-        if rows == 0 and fractions[name] > 0:
+        if rows == 0:
             raise InputError(
-                f"{s.DATA_PATH} has only {groups} group(s) of rows that must stay together, too few to fill the {name} "
-                f"split; add rows with other questions and answers"
+                f"{s.DATA_PATH} has only {counts['groups']} group(s) of rows that must stay together, too few to fill "
+                f"the {name} split; add rows with other questions and answers"
             )
+    counts |= {"kept_previous_split": kept, "new_rows": new, "held_out_bridging": held_out, "by_split": by_split}
+    return frame, split
 
-    # 6. Write all splits to temporary files first, then rename them into place, the manifest last: a run that
-    #    dies on the way leaves the previous files whole.
-    contents = {
-        name: frame[split == i].to_csv(index=False, lineterminator="\n").encode("utf-8")
-        for i, name in enumerate(split_names)
-    }
-    counts = {
-        "rows_read": rows_read,
-        "header_repeats": int(header_repeats.sum()),
-        "dropped_empty": int(empty.sum()),
-        "exact_duplicates": int(duplicates.sum()),
-        "groups": groups,
-        "kept_previous_split": kept,
-        "new_rows": new,
-        "held_out_bridging": held_out,
-        "by_split": by_split,
-    }
-    if pii_replaced is not None:
-        counts["pii_replaced"] = pii_replaced
-    if language_column:
-        languages = frame[language_column].astype(str).str.strip().to_numpy()
-        counts["by_language"] = {
-            language: {name: int(((languages == language) & (split == i)).sum()) for i, name in enumerate(split_names)}
-            for language in sorted(set(languages))
-        }
-    manifest = {
-        "input": {
-            "path": s.DATA_PATH,
-            "sha256": input_sha256,
-            "rows": rows_read,
-            "encoding": encoding,
-            "delimiter": delimiter,
-        },
+
+def split_manifest(
+    source: dict, counts: dict, outputs: dict, contents: dict, previous: dict | None, s: SimpleNamespace
+) -> dict:
+    """What split_manifest.json records: the input, the settings, every count, each split file and the history."""
+    return {
+        "input": source,
         "settings": split_settings_of(s),
         "counts": counts,
         "outputs": {
-            name: {"path": outputs[name], "sha256": hashlib.sha256(contents[name]).hexdigest(), "rows": by_split[name]}
+            name: {
+                "path": outputs[name],
+                "sha256": hashlib.sha256(contents[name]).hexdigest(),
+                "rows": counts["by_split"][name],
+            }
             for name in split_names
         },
-        "history": history(previous, input_sha256, s, counts),
+        "history": history(previous, source["sha256"], s, counts),
     }
-    files = {outputs[name]: contents[name] for name in split_names}
-    files[s.SPLIT_MANIFEST_PATH] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    write_atomically(files)
+
+
+def print_written(manifest: dict, previous: dict | None, manifest_path: str) -> None:
+    """Step 6's report: the rows of each split (and language), and what changed since the previous split."""
+    by_split = manifest["counts"]["by_split"]
     print("6. wrote:")
-    for name in split_names:
-        print(f"   {name}: {by_split[name]:,} rows ({by_split[name] / len(frame):.1%}) in {outputs[name]}")
-    for language, row in counts.get("by_language", {}).items():
+    for name, output in manifest["outputs"].items():
+        print(f"   {name}: {by_split[name]:,} rows ({by_split[name] / sum(by_split.values()):.1%}) in {output['path']}")
+    for language, row in manifest["counts"].get("by_language", {}).items():
         print(f"   {language or '(no language)'}: " + ", ".join(f"{name} {n:,}" for name, n in row.items()))
     if previous:
         change = manifest["history"][-1]
@@ -222,49 +594,7 @@ def main() -> None:
             f"settings changed: {change['settings_changed'] or 'none'}; rows kept {change['rows_kept']:,}, added "
             f"{change['rows_added']:,}, removed {change['rows_removed']:,}, held out {change['rows_held_out']:,}"
         )
-    print(f"   manifest: {s.SPLIT_MANIFEST_PATH}")
-
-
-def settings() -> SimpleNamespace:
-    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
-    load_dotenv(".env")
-    values = {name: env_value(name, value) for name, value in globals().items() if name.isupper()}
-    defaults = {
-        "DATA_PATH": "qa_data.csv",
-        "TRAIN_PATH": "qa_training_set.csv",
-        "VALIDATION_PATH": "qa_validation_set.csv",
-        "TEST_PATH": "qa_test_set.csv",
-        "SPLIT_MANIFEST_PATH": "split_manifest.json",
-    }
-    for name, file_name in defaults.items():
-        values[name] = values[name] or os.path.join(values["DATA_DIR"], file_name)
-    for name in ("VALIDATION_FRACTION", "TEST_FRACTION"):
-        if not 0 <= values[name] < 1:
-            raise InputError(f"{name}={values[name]} is not a fraction; set {name} to a number from 0 to below 1")
-    if values["VALIDATION_FRACTION"] + values["TEST_FRACTION"] >= 1:
-        raise InputError("VALIDATION_FRACTION + TEST_FRACTION leave nothing to train on; keep their sum below 1")
-    return SimpleNamespace(**values)
-
-
-def env_value(name: str, default):
-    """The environment's value of `name` parsed as the type of `default`, or `default` when it is not set."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    raw = raw.strip()
-    if isinstance(default, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"{name}={raw!r} is not a boolean; set {name} to true or false in .env or the environment")
-    for kind, word in ((int, "a whole number"), (float, "a number")):
-        if isinstance(default, kind):
-            try:
-                return kind(raw)
-            except ValueError:
-                raise InputError(f"{name}={raw!r} is not {word}; set {name} to {word} such as {default}") from None
-    return raw
+    print(f"   manifest: {manifest_path}")
 
 
 def split_settings_of(s: SimpleNamespace) -> dict:
@@ -304,17 +634,72 @@ def utf8_bytes(raw: bytes, path: str) -> tuple[bytes, str]:
         return raw, "utf-8"
     except UnicodeDecodeError:
         pass
-    fallback_at = []
-
-    def as_cp1252(error: UnicodeDecodeError) -> tuple[str, int]:
-        fallback_at.append(error.start)
-        return error.object[error.start : error.end].decode("cp1252", errors="replace"), error.end
-
-    codecs.register_error("split_data_cp1252", as_cp1252)
-    data = raw.decode("utf-8", errors="split_data_cp1252").encode("utf-8")
+    encoding, language = legacy_encoding(raw, path)
     newlines = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == ord("\n"))
-    lines = np.unique(np.searchsorted(newlines, fallback_at)) + 1
-    return data, f"utf-8 with cp1252 on {len(lines):,} lines (first: line {lines[0]})"
+    fallback_at = []
+    if len(bytes(range(256)).decode(encoding, errors="replace")) == 256:  # one byte per character: cp1252, cp1251, ...
+
+        def as_legacy(error: UnicodeDecodeError) -> tuple[str, int]:
+            fallback_at.append(error.start)
+            return error.object[error.start : error.end].decode(encoding, errors="replace"), error.end
+
+        codecs.register_error("split_data_legacy", as_legacy)
+        data = raw.decode("utf-8", errors="split_data_legacy").encode("utf-8")
+    else:  # several bytes per character (Shift-JIS, GBK, ...): line by line, each line UTF-8 or wholly legacy
+        lines = raw.split(b"\n")
+        for number, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                try:
+                    lines[number] = line.decode(encoding).encode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(
+                        f"{path} line {number + 1} is neither UTF-8 nor {encoding}, the encoding the rest of the file "
+                        "seems to be in; save the file as 'CSV UTF-8'"
+                    ) from None
+                fallback_at.append(int(newlines[number - 1]) + 1 if number else 0)
+        data = b"\n".join(lines)
+    lines_at = np.unique(np.searchsorted(newlines, fallback_at)) + 1
+    what = f"{encoding}" + (f" ({language}, detected by charset-normalizer)" if language else "")
+    return data, f"utf-8 with {what} on {len(lines_at):,} lines (first: line {lines_at[0]})"
+
+
+def legacy_encoding(raw: bytes, path: str) -> tuple[str, str | None]:
+    """The encoding of the parts of the file that are not UTF-8, and the language charset-normalizer recognised in
+    them (None for cp1252, the encoding of Western Excel exports, which is kept whenever it reads as ordinary text).
+
+    charset-normalizer reads every line with bytes that are not UTF-8. A short sample says little: cp1252 wins when
+    the guess reads those bytes the same, or when the guess names no language with confidence and cp1252 reads them
+    as text with few accented letters; else the guess must read as plain text (low chaos), or the file is refused.
+    """
+    from charset_normalizer import from_bytes
+
+    lines = []
+    for line in raw.splitlines():
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            lines.append(line)
+    best = from_bytes(b"\n".join(lines)).best()
+    # The bytes that are not UTF-8, with the ASCII around them: what the two encodings must read alike.
+    texts = (line.decode("utf-8", errors="surrogateescape") for line in lines)
+    legacy = "\n".join("".join(c for c in text if c < "\x80" or "\udc80" <= c <= "\udcff") for text in texts)
+    sample = legacy.encode("utf-8", errors="surrogateescape")
+    as_cp1252 = sample.decode("cp1252", errors="replace")
+    if best is not None and sample.decode(best.encoding, errors="replace") == as_cp1252:
+        return "cp1252", None
+    if best is not None and best.coherence >= 0.5:
+        return best.encoding, best.language
+    letters = [c for c in as_cp1252 if c.isalpha()]
+    if "\ufffd" not in as_cp1252 and sum(c >= "\x80" for c in letters) <= 0.3 * len(letters):
+        return "cp1252", None
+    if best is not None and best.chaos <= 0.2:
+        return best.encoding, best.language
+    raise InputError(
+        f"{path} is not UTF-8, and its encoding cannot be told (neither cp1252 nor another legacy encoding reads it "
+        "as text); save it as 'CSV UTF-8'"
+    )
 
 
 def control_byte_share(raw: bytes) -> float:
@@ -434,8 +819,17 @@ def verified_previous_manifest(manifest_path: str, outputs: dict[str, str]) -> d
         with open(manifest_path, encoding="utf-8") as file:
             manifest = json.load(file)
         recorded = {name: manifest["outputs"][name]["sha256"] for name in split_names}
-        if "sha256" not in manifest["input"] or not isinstance(manifest["settings"], dict):
-            raise KeyError("input sha256 or settings")
+        # Valid JSON of another shape is no manifest either: every part a rerun reads, with its type.
+        shapes = [
+            (manifest["input"]["sha256"], str),
+            (manifest["settings"], dict),
+            (manifest.get("history", []), list),
+            *((recorded[name], str) for name in split_names),
+            *((manifest["outputs"][name]["rows"], int) for name in split_names),
+        ]
+        wrong = [value for value, kind in shapes if not isinstance(value, kind)]
+        if wrong:
+            raise TypeError(f"{wrong[0]!r} where the manifest has another kind of value")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(
             f"cannot read {manifest_path} ({error!r}); restore it, or delete it and the three split files "
@@ -562,8 +956,4 @@ def write_atomically(files: dict[str, bytes]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

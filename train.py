@@ -3,11 +3,17 @@
 Reads DATA_DIR/qa_training_set.csv and qa_validation_set.csv (columns Question, Answer), trains with in-batch
 negatives (MultipleNegativesRankingLoss), keeps the checkpoint with the best validation NDCG@10 and saves it to
 OUTPUT_DIR/final with a lineage.json and a training-curve PNG. A killed run resumes from its last complete checkpoint.
-Multi-GPU: `torchrun --nproc_per_node=N train.py`.
+Checkpoints go to OUTPUT_DIR/checkpoints/; OUTPUT_DIR/.lock keeps a second run out while this one runs. Multi-GPU:
+`torchrun --nproc_per_node=N train.py`.
 """
 
+import codecs
+import contextlib
 import datetime
+import difflib
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -16,6 +22,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import tokenize
 import unicodedata
 from functools import cache, partial
 from pathlib import Path
@@ -23,34 +31,33 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-# --- Settings: edit here, or override any of them by name in .env or the environment ---
-DATA_DIR = "data"
+# --- Settings: edit here, or override any of them by name in .env or the environment (`--help` lists them) ---
+DATA_DIR = "data"  # the folder of the splits and the split manifest
 TRAIN_PATH = ""  # "" = DATA_DIR/qa_training_set.csv
 VALIDATION_PATH = ""  # "" = DATA_DIR/qa_validation_set.csv
 SPLIT_MANIFEST_PATH = ""  # "" = DATA_DIR/split_manifest.json (only read for lineage.json)
 OUTPUT_DIR = "output"  # checkpoints/ and final/ go here
 MODEL_NAME = "intfloat/multilingual-e5-base"  # hub id or local model folder
 QUERY_PROMPT = "query: "  # E5's prefixes; set both to "" for models trained without prompts
-PASSAGE_PROMPT = "passage: "
-NUM_TRAIN_EPOCHS = 3
+PASSAGE_PROMPT = "passage: "  # ... the answers' prefix (the line above is the questions')
+NUM_TRAIN_EPOCHS = 3  # passes over the training split (unless MAX_STEPS sets a step budget)
 MAX_STEPS = 0  # optimizer-step budget (benchmarks compare runs at equal steps); 0 = train NUM_TRAIN_EPOCHS
 BATCH_SIZE = 24  # per device; every other answer in a batch is a negative, so bigger batches train harder
 LOSS_SCALE = 100.0  # 1 / temperature of the in-batch softmax: E5's own pre-training value; the recipe's 20 is too soft
 SYMMETRIC_LOSS = True  # also rank the batch's questions for each answer (MNRL directions query_to_doc + doc_to_query)
-LEARNING_RATE = 2e-5
-WEIGHT_DECAY = 0.01
+LEARNING_RATE = 2e-5  # peak learning rate of full fine-tuning (LoRA uses LORA_LEARNING_RATE)
+WEIGHT_DECAY = 0.01  # AdamW weight decay
 WARMUP_RATIO = 0.1  # fraction of all steps with a rising learning rate
 EVAL_STEPS = 500  # evaluate and checkpoint every N steps (at least once per epoch)
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the best one is always kept on top
 EARLY_STOPPING_PATIENCE = 0  # stop after N evaluations without a better validation NDCG@10; 0 = off
-SEED = 42
+SEED = 42  # seeds the shuffling, the initialisation of new weights and dropout
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
-NO_DUPLICATE_BATCHES = True  # no two rows of one split group in a batch (same answer, normalised question or
-# GROUP_COLUMN value): a translation or a paraphrase of the right answer would be scored as a wrong one
+NO_DUPLICATE_BATCHES = True  # no two rows of one split group (same answer, question or GROUP_COLUMN value) in a batch
 MIX_WITH_BASE = False  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
 REQUIRE_VALIDATION_GAIN = True  # save no final model unless it beats the base model on validation (False: the recipe)
 RESUME = True  # continue a killed run from its last complete checkpoint; False = start fresh
@@ -59,8 +66,8 @@ HARD_NEGATIVE_MARGIN = 0.05  # a negative must score at least 5% below the posit
 HARD_NEGATIVE_MAX_SCORE = 0.95  # ... and below this cosine similarity to the question
 CACHED_MINI_BATCH_SIZE = 0  # > 0: CachedMultipleNegativesRankingLoss (big BATCH_SIZE, small memory); 0 = plain MNRL
 USE_LORA = False  # train a small LoRA adapter instead of all weights
-LORA_RANK = 16
-LORA_ALPHA = 32
+LORA_RANK = 16  # rank of the LoRA matrices: more trainable weights per layer
+LORA_ALPHA = 32  # LoRA scaling: the adapter's update is multiplied by LORA_ALPHA / LORA_RANK
 LORA_LEARNING_RATE = 1e-4  # replaces LEARNING_RATE for LoRA: few fresh weights need bigger steps
 MERGE_LORA = False  # also export the adapter merged into a full model, to OUTPUT_DIR/final/merged
 
@@ -81,15 +88,365 @@ NOT_IN_RUN_FINGERPRINT = {
 }
 CPU_LINE = "No CUDA GPU found: training in fp32 on the CPU (fp16 needs CUDA)."
 
+# What the settings block below allows: a rule per setting ('>0', '>=1', '[0,1)', '(0,1)', 'a|b', 'nonempty'; every
+# float must be finite), checks across settings, the paths "" fills in, and the paths that must be different files.
+# A new number setting needs its rule here (tests/test_hostile.py checks that each has one).
+LIMITS = {
+    "DATA_DIR": "nonempty",
+    "OUTPUT_DIR": "nonempty",
+    "MODEL_NAME": "nonempty",
+    "NUM_TRAIN_EPOCHS": ">=0",
+    "MAX_STEPS": ">=0",
+    "BATCH_SIZE": ">0",
+    "LOSS_SCALE": ">0",
+    "LEARNING_RATE": ">0",
+    "WEIGHT_DECAY": ">=0",
+    "WARMUP_RATIO": "[0,1)",
+    "EVAL_STEPS": ">=1",
+    "SAVE_TOTAL_LIMIT": ">=1",
+    "EARLY_STOPPING_PATIENCE": ">=0",
+    "SEED": "[0,4294967295]",
+    "HARD_NEGATIVE_MARGIN": "[0,1)",
+    "HARD_NEGATIVE_MAX_SCORE": "(0,1]",
+    "CACHED_MINI_BATCH_SIZE": ">=0",
+    "LORA_RANK": ">=1",
+    "LORA_ALPHA": ">0",
+    "LORA_LEARNING_RATE": ">0",
+}
+CHECKS = [
+    (
+        ("NUM_TRAIN_EPOCHS", "MAX_STEPS"),
+        lambda v: v["NUM_TRAIN_EPOCHS"] >= 1 or v["MAX_STEPS"] > 0,
+        "with MAX_STEPS=0 (no step budget) NUM_TRAIN_EPOCHS must be at least 1, or the untrained model is saved",
+    )
+]
+DERIVED_PATHS = {
+    "TRAIN_PATH": ("DATA_DIR", "qa_training_set.csv"),
+    "VALIDATION_PATH": ("DATA_DIR", "qa_validation_set.csv"),
+    "SPLIT_MANIFEST_PATH": ("DATA_DIR", "split_manifest.json"),
+}
+DISTINCT_PATHS = ("TRAIN_PATH", "VALIDATION_PATH", "SPLIT_MANIFEST_PATH")
+
+# --- settings block (identical in split_data.py, train.py, eval.py) ---
+# The constants at the top are the settings: this block reads them from .env and the environment by each constant's
+# type, fills in the empty paths of DERIVED_PATHS, refuses what LIMITS, CHECKS and DISTINCT_PATHS do not allow, answers
+# --help and locks the output folder. It is copied on purpose, since the scripts share nothing but files on disk:
+# tests/test_hostile.py fails when the three copies differ, so edit one and copy it to the other two.
+ALL_SETTINGS = frozenset(
+    "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE "  # noqa: SIM905
+    "CHECKPOINT_PATH CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
+    "GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE "
+    "LORA_ALPHA LORA_LEARNING_RATE LORA_RANK LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS "
+    "MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
+    "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
+    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA "
+    "VALIDATION_FRACTION VALIDATION_PATH WARMUP_RATIO WEIGHT_DECAY".split()
+)  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
+LIBRARY_VARIABLES = (
+    "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TOKENIZERS_", "DATASETS_",
+    "ACCELERATE_", "CUDA_", "CUDNN_", "PYTORCH_", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUBLAS_", "NCCL_",
+    "GLOO_", "NVIDIA_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PYTHON", "TQDM_", "MPL",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_", "CURL_CA_BUNDLE", "LC_",
+    "LANG", "TZ", "TMPDIR", "XDG_", "PATH", "HOME",
+)  # fmt: skip  # prefixes of variables the libraries and Python read: .env may set them without a warning
+LOCK_FILE, LOCK_HOLDER_FILE = ".lock", ".lock-holder.json"  # in the locked folder; removed when the run ends
+run_started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+held_locks: dict = {}  # folder -> this process's FileLock on it
+
 
 class InputError(Exception):
-    """Bad input the user can fix: printed as one `error:` line, exit code 2."""
+    """Bad input the user can fix: printed as one `error: ...` line, exit code 2."""
 
 
-class NoImprovement(Exception):
+class Result(Exception):
+    """A run that ended as it should, with an outcome that is not a success (e.g. nothing beat the base model): its
+    message is printed as is to stdout, exit code 1."""
+
+
+def settings() -> SimpleNamespace:
+    """The constants at the top, each overridden by the environment variable of its name or its line in .env (the
+    environment wins), parsed by the constant's type and checked against LIMITS, CHECKS and DISTINCT_PATHS."""
+    from_dotenv = dotenv_names()
+    values = {
+        name: checked_value(name, default, os.environ.get(name), setting_source(name, from_dotenv))
+        for name, default in setting_defaults().items()
+    }
+    for name, (folder, file_name) in DERIVED_PATHS.items():
+        values[name] = values[name] or os.path.join(values[folder], file_name)
+    for names, holds, allowed in CHECKS:
+        if not holds(values):
+            shown = " and ".join(f"{name}={values[name]!r}" for name in names)
+            raise InputError(f"{shown} do not go together: {allowed}; change them in .env or the environment")
+    seen = {}
+    for name in DISTINCT_PATHS:
+        other = seen.setdefault(Path(values[name]).resolve(), name)
+        if other != name:
+            raise InputError(
+                f"{other}={values[other]!r} and {name}={values[name]!r} are the same file; one would overwrite the "
+                f"other, so set them to different files"
+            )
+    return SimpleNamespace(**values)
+
+
+def print_settings(s: SimpleNamespace) -> None:
+    print("settings:")
+    for name, value in vars(s).items():
+        print(f"  {name} = {value}")
+
+
+def setting_comments() -> dict[str, str]:
+    """Each setting's name and comment, in order: the `NAME = value  # comment` lines from the `# --- Settings`
+    line at the top of this file to the first blank line after it."""
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("# --- Settings")) + 1
+    end = next((number for number in range(start, len(lines)) if not lines[number].strip()), len(lines))
+    comments, name = {}, None
+    for token in tokenize.generate_tokens(io.StringIO("\n".join(lines[start:end]) + "\n").readline):
+        if token.type == tokenize.NAME and token.start[1] == 0:
+            name = token.string
+            comments[name] = ""
+        elif token.type == tokenize.COMMENT and name:
+            comments[name] = token.string.lstrip("#").strip()
+    return comments
+
+
+def setting_defaults() -> dict:
+    """Each setting's value as the constant at the top of this file sets it."""
+    return {name: globals()[name] for name in setting_comments()}
+
+
+def setting_source(name: str, from_dotenv: set[str]) -> str:
+    if name in from_dotenv:
+        return "from .env"
+    return "from the environment" if name in os.environ else f"the constant in {Path(__file__).name}"
+
+
+def parsed_value(raw: str, default):
+    """`raw` as the type of `default` (yes/no words for a bool), or None when it is not one."""
+    if isinstance(default, bool):
+        words = {"1": True, "true": True, "yes": True, "on": True}
+        words |= {"0": False, "false": False, "no": False, "off": False}
+        return words.get(raw.strip().lower())
+    if not isinstance(default, int | float):
+        return raw
+    try:
+        return type(default)(raw.strip())
+    except ValueError:
+        return None
+
+
+def allowed_values(default, rule: str) -> str:
+    """What a LIMITS rule allows, in words: '>0' for an int is 'a whole number above 0'."""
+    kind = (
+        "true or false (or 1/0, yes/no, on/off)" if isinstance(default, bool)
+        else "a whole number" if isinstance(default, int)
+        else "a finite number" if isinstance(default, float)
+        else "a text"
+    )  # fmt: skip
+    if "|" in rule:
+        return "one of " + ", ".join(repr(choice) for choice in rule.split("|"))
+    if rule == "nonempty":
+        return "a non-empty text"
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = interval[2], interval[3]
+        if interval[1] == "[":
+            return f"{kind} from {low} to " + (high if interval[4] == "]" else f"below {high}")
+        return f"{kind} above {low} and " + (f"at most {high}" if interval[4] == "]" else f"below {high}")
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        words = {">": "above", ">=": "of at least", "<": "below", "<=": "of at most"}
+        return f"{kind} {words[bound[1]]} {bound[2]}"
+    return kind
+
+
+def within(value, rule: str) -> bool:
+    """Whether `value` keeps a LIMITS rule: '>0', '>=1', '[0,1)', '(0,1)', 'all|test', 'nonempty' or '' (any);
+    a float must be finite in any case."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if "|" in rule:
+        return value in rule.split("|")
+    if rule == "nonempty":
+        return bool(str(value).strip())
+    if interval := re.fullmatch(r"([\[(])(.+),(.+)([\])])", rule):
+        low, high = float(interval[2]), float(interval[3])
+        above = value >= low if interval[1] == "[" else value > low
+        return above and (value <= high if interval[4] == "]" else value < high)
+    if bound := re.fullmatch(r"(>=|>|<=|<)(.+)", rule):
+        limit = float(bound[2])
+        return {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[bound[1]]
+    return True
+
+
+def checked_value(name: str, default, raw: str | None, source: str):
+    """The setting's value: `raw` parsed by the type of `default` (or `default` when unset), if LIMITS allows it."""
+    value = default if raw is None else parsed_value(raw, default)
+    rule = LIMITS.get(name, "")
+    if value is None or not within(value, rule):
+        allowed = allowed_values(default, rule)
+        raise InputError(
+            f"{name}={default if raw is None else raw!r} ({source}) is not {allowed} (the default is {default!r}); "
+            f"fix it in .env or the environment"
+        )
+    return value
+
+
+def dotenv_names(path: str = ".env") -> set[str]:
+    """Put the lines of .env into the environment where it has no value yet, and return the names it set. .env may be
+    UTF-8 (with or without BOM) or UTF-16 or UTF-32 with a BOM. A name that no script and no library reads is
+    warned about: a typo such as BATCHSIZE=64 would otherwise change nothing without a word."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}; make it a readable file or remove it") from None
+    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]  # fmt: skip
+    encoding = next((name for bom, name in boms if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+        if "\x00" in text:
+            raise UnicodeDecodeError(encoding, raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path} is not readable as {encoding} ({error.reason} at byte {error.start}); save it as UTF-8 text"
+        ) from None
+    values = dotenv_values(stream=io.StringIO(text))
+    for name in values:
+        if name not in ALL_SETTINGS and not name.upper().startswith(LIBRARY_VARIABLES):
+            close = difflib.get_close_matches(name.upper(), ALL_SETTINGS, n=1)
+            print(
+                f"warning: {path} sets {name}, which is not a setting of split_data.py, train.py or eval.py"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + "; it changes nothing"
+            )
+    new = {name for name, value in values.items() if value is not None and name not in os.environ}
+    load_dotenv(stream=io.StringIO(text))
+    return new
+
+
+def help_text() -> str:
+    """The module's docstring (what the script reads and writes), then every setting: its value in effect and where
+    that comes from, its default, its comment and what is allowed."""
+    script = Path(__file__).name
+    lines = [
+        (__doc__ or "").strip(),
+        "",
+        f"Settings are the constants at the top of {script}; override any of them by name in .env or the environment",
+        f"(NAME=value python {script}). Each: its value in effect (source; default), its comment [what is allowed].",
+        "",
+    ]
+    from_dotenv = dotenv_names()
+    for name, comment in setting_comments().items():
+        default, raw = globals()[name], os.environ.get(name)
+        rule = LIMITS.get(name, "")
+        value = default if raw is None else parsed_value(raw, default)
+        if raw is None:
+            shown = f"{default!r}  (default)"
+        elif value is None or not within(value, rule):
+            shown = f"{raw!r}  ({setting_source(name, from_dotenv)}, NOT VALID; default {default!r})"
+        else:
+            shown = f"{value!r}  ({setting_source(name, from_dotenv)}; default {default!r})"
+        lines += [f"  {name} = {shown}", f"      {comment or '(no comment)'} [{allowed_values(default, rule)}]"]
+    return "\n".join(lines)
+
+
+def lock_folders(folders: list[str]) -> None:
+    """Lock each output folder for this run until the process ends: a side file names the holder (pid, start time),
+    a second run is refused with one line naming it. The OS drops the lock of a process that dies, so a killed run's
+    lock is taken over. Under torchrun only rank 0 locks. The locks are released by release_locks()."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from filelock import FileLock, Timeout
+
+    release_locks()  # those of an earlier main() in this process (tests call main() directly)
+    for folder in dict.fromkeys(folders):
+        lock, holder_file = FileLock(os.path.join(folder, LOCK_FILE)), Path(folder, LOCK_HOLDER_FILE)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock.acquire(blocking=False)
+        except Timeout:
+            raise InputError(
+                f"{folder} is in use by another run ({lock_holder(holder_file)}); wait for it to end or stop it, or "
+                f"point this run at another folder"
+            ) from None
+        except OSError as error:
+            raise InputError(f"cannot lock {folder}: {error.strerror}; make it a writable folder") from None
+        held_locks[folder] = lock
+        if holder_file.exists():
+            print(f"lock: {folder} was locked by a run that ended without releasing it ({lock_holder(holder_file)})")
+        holder = {"script": Path(__file__).name, "pid": os.getpid(), "started_at": run_started_at}
+        holder_file.write_text(json.dumps(holder) + "\n", encoding="utf-8")
+
+
+def lock_holder(holder_file: Path) -> str:
+    """The holder named in a lock's side file, as words."""
+    try:
+        holder = json.loads(holder_file.read_text(encoding="utf-8"))
+        return f"{holder['script']}, pid {holder['pid']}, started {holder['started_at']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown: {holder_file} is missing or unreadable"
+
+
+def release_locks() -> None:
+    """Remove the lock files while still holding them (filelock retries a removed file), then release the locks."""
+    for folder, lock in list(held_locks.items()):
+        for name in (LOCK_HOLDER_FILE, LOCK_FILE):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+        lock.release()
+        del held_locks[folder]
+
+
+def releasing_locks(main):
+    """main(), releasing the locks it took on any exit, also when it is called directly (the tests do)."""
+
+    @functools.wraps(main)
+    def main_releasing_locks():
+        try:
+            return main()
+        finally:
+            release_locks()
+
+    return main_releasing_locks
+
+
+def run(main) -> None:
+    """The script as a command: `--help` (or `-h`) prints the help; another argument is refused, since settings are
+    constants and environment variables; else main(). An InputError is one `error:` line and exit code 2; a Result
+    is its message on stdout and exit code 1."""
+    code = 0
+    try:
+        if sys.argv[1:] in (["--help"], ["-h"]):
+            print(help_text())
+        elif sys.argv[1:]:
+            script = Path(__file__).name
+            raise InputError(
+                f"unknown argument {sys.argv[1]!r}: {script} takes no arguments but --help; its settings are the "
+                f"constants at the top of {script}, overridden by name in .env or the environment "
+                f"(NAME=value python {script})"
+            )
+        else:
+            code = main() or 0
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except Result as result:
+        print(result)
+        code = 1
+    finally:
+        release_locks()
+    sys.exit(code)
+
+
+# --- end of settings block ---
+
+
+class NoImprovement(Result):
     """Training ran but nothing beat the base model on validation: a result, printed as is, exit code 1."""
 
 
+@releasing_locks
 def main() -> None:
     # 1. Settings, device and precision
     s = settings()
@@ -109,13 +466,15 @@ def main() -> None:
     output_dir, checkpoints_dir = Path(s.OUTPUT_DIR), Path(s.OUTPUT_DIR) / "checkpoints"
     if is_main:
         check_writable(output_dir)
+        lock_folders([s.OUTPUT_DIR])  # a second run in this folder would move this one's live checkpoints aside
 
     # 2. Data: the training and validation splits (the test split stays unopened for eval.py)
     train = read_split(Path(s.TRAIN_PATH), "training")
     validation = read_split(Path(s.VALIDATION_PATH), "validation")
     manifest_path = Path(s.SPLIT_MANIFEST_PATH)
-    manifest = read_json(manifest_path)
-    group_column = ((manifest or {}).get("settings") or {}).get("GROUP_COLUMN") or None
+    manifest = read_split_manifest(manifest_path)
+    manifest_settings = (manifest or {}).get("settings")
+    group_column = (manifest_settings.get("GROUP_COLUMN") if isinstance(manifest_settings, dict) else None) or None
     if is_main:
         print(
             f"training pairs: {len(train)} from {s.TRAIN_PATH}; validation pairs: {len(validation)} from "
@@ -224,6 +583,7 @@ def main() -> None:
     from transformers import EarlyStoppingCallback
 
     callbacks = [EarlyStoppingCallback(s.EARLY_STOPPING_PATIENCE)] if s.EARLY_STOPPING_PATIENCE > 0 else []
+    callbacks.append(stop_on_non_finite_loss())
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
@@ -300,42 +660,6 @@ def main() -> None:
     print(f"final model saved to {final}")
 
 
-def settings() -> SimpleNamespace:
-    """The constants above, each overridable by an environment variable of the same name (or a line in .env)."""
-    load_dotenv(".env")
-    values = {
-        name: env_value(name, value)
-        for name, value in globals().items()
-        if name.isupper() and name not in {"PRIMARY_METRIC", "MIX_WEIGHTS", "NOT_IN_RUN_FINGERPRINT", "CPU_LINE"}
-    }
-    data_dir = Path(values["DATA_DIR"])
-    values["TRAIN_PATH"] = values["TRAIN_PATH"] or str(data_dir / "qa_training_set.csv")
-    values["VALIDATION_PATH"] = values["VALIDATION_PATH"] or str(data_dir / "qa_validation_set.csv")
-    values["SPLIT_MANIFEST_PATH"] = values["SPLIT_MANIFEST_PATH"] or str(data_dir / "split_manifest.json")
-    return SimpleNamespace(**values)
-
-
-def env_value(name: str, default):
-    """The environment's value for `name`, parsed by the type of its default; the default when unset."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    raw = raw.strip()
-    if isinstance(default, bool):
-        if raw.lower() in {"1", "true", "yes", "on"}:
-            return True
-        if raw.lower() in {"0", "false", "no", "off"}:
-            return False
-        raise InputError(
-            f"{name}={raw!r} is not a yes/no value; set {name} to true or false in .env or the environment"
-        )
-    try:
-        return type(default)(raw)
-    except ValueError:
-        kind = {int: "a whole number", float: "a number"}.get(type(default), type(default).__name__)
-        raise InputError(f"{name}={raw!r} is not {kind}; fix {name} in .env or the environment") from None
-
-
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -384,11 +708,31 @@ def read_split(path: Path, kind: str) -> pd.DataFrame:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is missing or unreadable."""
+    """A JSON object file's content, or None when it is missing or unreadable. Valid JSON of another shape (a list, a
+    number) is an InputError: it parses, but it is not the file that was written there."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(content, dict):
+        raise InputError(
+            f"'{path}' holds a JSON {type(content).__name__}, not the object train.py and split_data.py write there; "
+            "restore it or move it away"
+        )
+    return content
+
+
+def read_split_manifest(path: Path) -> dict | None:
+    """split_data.py's manifest (None when there is none), with the test split's sha256 that lineage.json records."""
+    manifest = read_json(path)
+    outputs = (manifest or {}).get("outputs", {})
+    test = outputs.get("test") if isinstance(outputs, dict) else None
+    if manifest is not None and not (isinstance(test, dict) and isinstance(test.get("sha256"), str)):
+        raise InputError(
+            f"split manifest '{path}' has no outputs.test.sha256, so it is not one split_data.py wrote; rerun "
+            "`python split_data.py` (or set SPLIT_MANIFEST_PATH)"
+        )
+    return manifest
 
 
 def load_model(name: str):
@@ -577,9 +921,10 @@ def prepare_checkpoints(checkpoints_dir: Path, fingerprint: dict, resume: bool, 
 
 
 def fingerprint_diff(previous: dict, fingerprint: dict) -> str:
-    old, new = previous.get("fingerprint") or {}, fingerprint
+    old, new = previous.get("fingerprint"), fingerprint
+    old = old if isinstance(old, dict) else {}
     changed = [key for key in ("train_sha256", "validation_sha256", "world_size") if old.get(key) != new.get(key)]
-    old_settings = old.get("settings") or {}
+    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
     changed += [name for name, value in new["settings"].items() if old_settings.get(name) != value]
     return "changed: " + ", ".join(changed) if changed else "unknown fingerprint format"
 
@@ -659,7 +1004,7 @@ def data_lineage(
         "split_manifest": {"path": str(manifest_path), "sha256": sha256(manifest_path) if manifest else None},
         "train": {"path": s.TRAIN_PATH, "sha256": fingerprint["train_sha256"], "rows": train_rows},
         "validation": {"path": s.VALIDATION_PATH, "sha256": fingerprint["validation_sha256"], "rows": validation_rows},
-        "test_sha256": ((manifest or {}).get("outputs") or {}).get("test", {}).get("sha256"),
+        "test_sha256": manifest["outputs"]["test"]["sha256"] if manifest else None,  # checked by read_split_manifest
     }
 
 
@@ -745,6 +1090,12 @@ def choice_line(base_score: float | None, best_checkpoint: str | None, choice: d
 def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], merge_lora: bool) -> Path:
     """Write the model to a temporary folder, then swap it in as OUTPUT_DIR/final; an earlier final is renamed to
     final-<its finished_at>, never deleted. A kill at any point leaves the earlier final readable."""
+    broken = non_finite_weights(model)
+    if broken:
+        raise InputError(
+            f"the trained model is broken ({broken}); it is not saved as final: lower LEARNING_RATE (or "
+            "LORA_LEARNING_RATE) and rerun"
+        )
     partial = output_dir / ".final-partial"
     if partial.exists():
         shutil.rmtree(partial)  # our own unfinished write from a killed run: never a usable model
@@ -757,13 +1108,59 @@ def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], 
         write_json_atomic(partial / "merged" / "lineage.json", {**lineage, "lora": False, "merged_from_lora": True})
     final = output_dir / "final"
     if final.exists():
-        old = read_json(final / "lineage.json") or {}
+        try:
+            old = read_json(final / "lineage.json") or {}
+        except InputError:  # a damaged old lineage.json only loses its time stamp
+            old = {}
         stamp = old.get("finished_at") or datetime.datetime.fromtimestamp(final.stat().st_mtime, datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
         print(f"earlier final model moved to {move_aside(final, f'final-{compact(stamp)}')}")
     os.replace(partial, final)
     return final
+
+
+def non_finite_weights(model) -> str | None:
+    """Which of the model's weight tensors hold NaN or inf, in words ("3 of 39 weight tensors, e.g. ..."), or None."""
+    import torch
+
+    tensors = {name: p for name, p in model.state_dict().items() if torch.is_floating_point(p)}
+    broken = [name for name, p in tensors.items() if not bool(torch.isfinite(p).all())]
+    return f"{len(broken)} of {len(tensors)} weight tensors, e.g. {broken[0]}, hold NaN or inf" if broken else None
+
+
+def stop_on_non_finite_loss():
+    """A trainer callback that stops the run with one error line as soon as a logged training loss or the weights
+    hold NaN or inf: every later step and checkpoint would be broken too. The weights are checked as well because the
+    trainer logs a NaN loss as a finite one (logging_nan_inf_filter); at each log and each evaluation (the first is
+    the base model's, before step 1, so a model with NaN weights stops at step 0)."""
+    from transformers import TrainerCallback
+
+    def check(state, model, loss=None) -> None:
+        broken = non_finite_weights(model) if model is not None else None
+        if loss is not None and not math.isfinite(loss):
+            broken = f"the training loss is {loss}"
+        if broken:
+            from tqdm.auto import tqdm
+
+            bars = list(getattr(tqdm, "_instances", ()))
+            for bar in bars:  # the trainer's progress bars: the error is the last line
+                bar.close()
+            if bars:  # a closed inner bar (the evaluation's) leaves the cursor at the end of the line above
+                print(file=sys.stderr)
+            raise InputError(
+                f"training stopped at step {state.global_step}: NaN or inf in the training ({broken}); nothing is "
+                "saved as final: lower LEARNING_RATE (or LORA_LEARNING_RATE), or check MODEL_NAME's weights, and rerun"
+            )
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            check(state, kwargs.get("model"), (logs or {}).get("loss"))
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            check(state, kwargs.get("model"))
+
+    return StopOnNonFiniteLoss()
 
 
 def merge_lora_into_base(model) -> None:
@@ -811,11 +1208,4 @@ def save_training_curve(log_history: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NoImprovement as e:
-        print(e)
-        sys.exit(1)
+    run(main)

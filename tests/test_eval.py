@@ -709,12 +709,23 @@ def test_disk_full_leaves_earlier_outputs_undamaged(ev, work, models, tiny_model
         ev.write_atomic(output / "eval_report.json", "{}")
     assert (output / "eval_report.json").read_bytes() == kept[output / "eval_report.json"]
 
-    # A new passing model without lineage: the first write is the registry line, which must not be torn.
+    # A new passing model without lineage: registration comes last, after the reports; the disk fills up just as its
+    # line is appended, which must not be torn nor leave the copied version folder behind.
     make_checkpoint(work, models["bow"], base=models["know_nothing"], train_csv=None)
+
+    def registry_disk_full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("registry.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ev.os, "fsync", registry_disk_full)
     with pytest.raises(ev.InputError, match=r"^cannot append to output/registry.jsonl: No space left on device"):
         run_eval(work, MODEL_NAME=models["know_nothing"])
-    assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file() and "final" not in path.parts} == {
-        path: content for path, content in kept.items() if "final" not in path.parts
+    assert json.loads((output / "eval_report.json").read_text(encoding="utf-8"))["registry"]["version"] == "v0002"
+    unchanged = ("final", "eval_report.json", "eval_report.md", "eval_report.png")
+    assert {
+        path: path.read_bytes() for path in output.rglob("*") if path.is_file() and not set(unchanged) & set(path.parts)
+    } == {
+        path: content for path, content in kept.items() if not set(unchanged) & set(path.parts)
     }  # no v0002 folder, no partial line
 
 
@@ -783,7 +794,10 @@ def test_exit_codes_0_pass_1_blocked_2_bad_input(work, models, tiny_model):
     (work / "data" / "qa_test_set.csv").unlink()
     bad = run_script("eval.py", work, env | {"MIN_IMPROVEMENT": "a lot"})
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: MIN_IMPROVEMENT='a lot' is not a number; set it like MIN_IMPROVEMENT=0.01"
+    assert bad.stderr.strip() == (
+        "error: MIN_IMPROVEMENT='a lot' (from the environment) is not a finite number from -1 to 1 (the default is "
+        "0.01); fix it in .env or the environment"
+    )
     missing = run_script("eval.py", work, env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [

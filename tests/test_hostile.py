@@ -111,6 +111,7 @@ elif fault == "disk-full":  # every file opened for writing under the target pat
     builtins.open = full_open
 else:
     raise SystemExit(f"unknown fault {fault}")
+sys.argv = [script]  # as `python <script>` has it
 runpy.run_path(script, run_name="__main__")
 """
 
@@ -232,6 +233,12 @@ BAD_INPUTS = {
     "binary-garbage": (random.Random(0).randbytes(8192), "data/qa_data.csv is not a text CSV"),
     "xlsx-renamed-to-csv": (b"PK\x03\x04\x14\x00\x06\x00" + random.Random(1).randbytes(4000), "is not a text CSV"),
     "utf-16": ("Question,Answer\nWhy?,Because.\n".encode("utf-16"), "data/qa_data.csv is not a text CSV"),
+    "header-then-bytes-in-no-encoding": (
+        b"Question,Answer\n"
+        + b"".join(random.Random(3).randbytes(30).translate(bytes(range(128, 256)) * 2) + b",x\n" for _ in range(20)),
+        "data/qa_data.csv is not UTF-8, and its encoding cannot be told (neither cp1252 nor another legacy encoding "
+        "reads it as text); save it as 'CSV UTF-8'",
+    ),
     "high-bytes-no-header": (
         bytes(random.Random(2).randrange(0x80, 0x100) for _ in range(4000)),
         "data/qa_data.csv has no Question and no Answer column (first line: ",
@@ -282,7 +289,44 @@ def mixed_encodings() -> bytes:
     )
 
 
+# Helpdesk rows in Russian and Japanese, for files saved in a legacy encoding other than cp1252.
+RUSSIAN = pd.DataFrame(
+    {
+        "Question": [f"Как сбросить пароль на устройстве номер {i}?" for i in range(12)],
+        "Answer": [
+            f"Откройте портал самообслуживания и выберите «Забыли пароль» для устройства {i}." for i in range(12)
+        ],
+        "language": "ru",
+    }
+)
+JAPANESE = pd.DataFrame(
+    {
+        "Question": [f"会議室の予約方法は？ その{i}" for i in range(12)],
+        "Answer": [f"カレンダーの「会議室」から予約します。 その{i}" for i in range(12)],
+        "language": "ja",
+    }
+)
+
+
+def pairs_of(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    return set(zip(frame["Question"], frame["Answer"], strict=True))
+
+
 CLEAN_CASES = {
+    "cyrillic-in-cp1251": (
+        lambda: RUSSIAN.to_csv(index=False, lineterminator="\n").encode("cp1251"),
+        {},
+        {"rows_read": 12, "dropped_empty": 0, "groups": 12},
+        pairs_of(RUSSIAN),
+        ("encoding", "utf-8 with cp1251 (Russian, detected by charset-normalizer) on 12 lines (first: line 2)"),
+    ),
+    "japanese-in-shift-jis-appended-to-utf-8": (
+        lambda: csv_bytes(BASE) + JAPANESE.to_csv(index=False, header=False, lineterminator="\n").encode("shift_jis"),
+        {},
+        {"rows_read": 60, "dropped_empty": 0, "groups": 24},
+        BASE_PAIRS | pairs_of(JAPANESE),
+        ("encoding", "utf-8 with cp932 (Japanese, detected by charset-normalizer) on 12 lines (first: line 50)"),
+    ),
     "nan-and-whitespace-cells": (
         nan_and_whitespace_cells,
         {},
@@ -381,11 +425,19 @@ def test_split_killed_while_writing_leaves_earlier_files_intact_and_reruns(tmp_p
     after = snapshot(tmp_path / "data")
     temporary = sorted(name for name in after if name.endswith(".tmp"))
     assert temporary == [".qa_training_set.csv.tmp", ".qa_validation_set.csv.tmp"]  # killed mid-write indeed
+    # The dead run's lock file stays behind, naming it; the OS released its lock when it died.
+    holder = json.loads(after.pop(".lock-holder.json"))
+    assert holder["script"] == "split_data.py" and after.pop(".lock") == b""
     assert {name: content for name, content in after.items() if name not in temporary} == before
     assert_clean_splits(tmp_path, first)  # the earlier splits are whole and readable
 
     result = run_script("split_data.py", tmp_path)
     assert result.returncode == 0, result.stderr
+    assert (
+        f"lock: data was locked by a run that ended without releasing it (split_data.py, pid {holder['pid']}, "
+        f"started {holder['started_at']})" in result.stdout
+    )  # taken over
+    assert not {".lock", ".lock-holder.json"} & set(os.listdir(tmp_path / "data"))  # released at the end
     manifest = json.loads((tmp_path / "data" / "split_manifest.json").read_text(encoding="utf-8"))
     assert not [name for name in os.listdir(tmp_path / "data") if name.endswith(".tmp")]
     assert manifest["history"][-1]["rows_kept"] == 48 and manifest["history"][-1]["rows_added"] == 12
@@ -456,7 +508,7 @@ def test_one_megabyte_answer_goes_through_split_and_training(pipeline):
 
 UNWRITABLE = {
     "split_data.py": ({"DATA_DIR": "blocked/data", "DATA_PATH": "data/qa_data.csv"},
-                      "cannot write blocked/data/qa_training_set.csv: Not a directory"),
+                      "cannot lock blocked/data: Not a directory; make it a writable folder"),
     "train.py": ({"OUTPUT_DIR": "blocked/output"},
                  "cannot write to output folder 'blocked/output' (Not a directory); set OUTPUT_DIR"),
     "eval.py": ({"OUTPUT_DIR": "blocked/output"}, "cannot write to OUTPUT_DIR blocked/output: Not a directory"),
@@ -574,6 +626,7 @@ def test_eval_test_split_overlapping_training_fails_the_gate(pipeline, tmp_path)
 def run_eval_main(work: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """eval.py's own __main__ block, run in-process (runpy): its exit code and stderr, without 10 s of imports."""
     monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "eval.py")])  # as `python eval.py` has it, not pytest's arguments
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
@@ -605,3 +658,409 @@ def test_eval_checkpoint_with_missing_or_corrupt_weights_is_a_clear_error(pipeli
 def test_eval_checkpoint_with_corrupt_weights_prints_exactly_one_stderr_line(pipeline, tmp_path, monkeypatch, capsys):
     work = damaged_checkpoint(pipeline, tmp_path / "work", "corrupt")
     assert_one_line_error(run_eval_main(work, monkeypatch, capsys), "error: cannot load model 'output/final': ")
+
+
+# --- settings (issue 11): one block in three scripts, every value checked before the slow imports ----------------
+
+SCRIPTS = ("split_data.py", "train.py", "eval.py")
+BLOCK_START = "# --- settings block (identical in split_data.py, train.py, eval.py) ---\n"
+BLOCK_END = "# --- end of settings block ---\n"
+# Runs a script as `python <script> [args]` does, then records whether the slow libraries were imported.
+IMPORT_PROBE = r"""
+import atexit, json, os, runpy, sys
+
+slow = ("torch", "sentence_transformers", "transformers")
+atexit.register(lambda: open(os.environ["PROBE"], "w").write(json.dumps([m for m in slow if m in sys.modules])))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def load_script(script: str):
+    spec = importlib.util.spec_from_file_location(f"{script[:-3]}_settings", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_probed(script: str, cwd: Path, env: dict[str, str], *args: str):
+    """Run `python <script> <args>` in `cwd` (as run_script does); the result and the slow modules it imported."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB") and k not in SETTING_NAMES}
+    full_env.update({"HF_HUB_OFFLINE": "1", "PROBE": str(cwd.parent / f"{cwd.name}.probe"), **env})
+    command = [sys.executable, "-c", IMPORT_PROBE, str(REPO / script), *args]
+    result = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    return result, json.loads((cwd.parent / f"{cwd.name}.probe").read_text())
+
+
+def test_the_three_settings_blocks_are_byte_identical():
+    blocks = []
+    for script in SCRIPTS:
+        text = (REPO / script).read_text(encoding="utf-8")
+        assert text.count(BLOCK_START) == 1 and text.count(BLOCK_END) == 1, script
+        blocks.append(text[text.index(BLOCK_START) : text.index(BLOCK_END) + len(BLOCK_END)])
+    assert len(blocks[0].splitlines()) > 100  # the whole block, not just its markers
+    assert blocks[0] == blocks[1] == blocks[2]
+
+
+def test_the_block_knows_every_setting_of_the_three_scripts_and_each_has_a_comment_and_valid_rules():
+    modules = {script: load_script(script) for script in SCRIPTS}
+    names = set()
+    for script, module in modules.items():
+        comments = module.setting_comments()
+        assert comments and all(comments.values()), (script, [n for n, c in comments.items() if not c])
+        assert list(comments) == [n for n in vars(module) if n in comments]  # in the order of the file
+        for name in [*module.LIMITS, *module.DERIVED_PATHS, *module.DISTINCT_PATHS]:
+            assert name in comments, (script, name)  # a rule for a setting that does not exist is a typo
+        for name, rule in module.LIMITS.items():
+            assert module.within(module.setting_defaults()[name], rule), (script, name)  # each default is allowed
+            assert module.allowed_values(module.setting_defaults()[name], rule) != "a text" or not rule
+        names |= set(comments)
+    assert names == modules["train.py"].ALL_SETTINGS  # the block's literal list is the truth
+
+
+BAD_SETTINGS = {
+    "split-validation-fraction-0": ("split_data.py", {"VALIDATION_FRACTION": "0"},
+                                    "VALIDATION_FRACTION='0' (from the environment) is not a finite number above 0 "
+                                    "and below 1"),
+    "split-test-fraction-nan": ("split_data.py", {"TEST_FRACTION": "nan"}, "TEST_FRACTION='nan'"),
+    "split-fractions-sum-1": ("split_data.py", {"VALIDATION_FRACTION": "0.5", "TEST_FRACTION": "0.5"},
+                              "VALIDATION_FRACTION=0.5 and TEST_FRACTION=0.5 do not go together: their sum must stay "
+                              "below 1"),
+    "split-seed-not-whole": ("split_data.py", {"SEED": "4.5"}, "SEED='4.5' (from the environment) is not a whole "
+                                                               "number"),
+    "split-bool": ("split_data.py", {"SCRUB_PII": "perhaps"}, "SCRUB_PII='perhaps' (from the environment) is not true "
+                                                                "or false"),
+    "train-batch-size-0": ("train.py", {"BATCH_SIZE": "0"}, "BATCH_SIZE='0' (from the environment) is not a whole "
+                                                            "number above 0 (the default is 24)"),
+    "train-batch-size-negative": ("train.py", {"BATCH_SIZE": "-4"}, "BATCH_SIZE='-4'"),
+    "train-learning-rate-inf": ("train.py", {"LEARNING_RATE": "inf"}, "LEARNING_RATE='inf' (from the environment) is "
+                                                                      "not a finite number above 0"),
+    "train-learning-rate-nan": ("train.py", {"LEARNING_RATE": "NaN"}, "LEARNING_RATE='NaN'"),
+    "train-learning-rate-negative": ("train.py", {"LEARNING_RATE": "-2e-5"}, "LEARNING_RATE='-2e-5'"),
+    "train-epochs-0": ("train.py", {"NUM_TRAIN_EPOCHS": "0"}, "NUM_TRAIN_EPOCHS=0 and MAX_STEPS=0 do not go together"),
+    "train-eval-steps-0": ("train.py", {"EVAL_STEPS": "0"}, "EVAL_STEPS='0' (from the environment) is not a whole "
+                                                            "number of at least 1"),
+    "train-max-steps-negative": ("train.py", {"MAX_STEPS": "-1"}, "MAX_STEPS='-1'"),
+    "train-warmup-ratio-1": ("train.py", {"WARMUP_RATIO": "1"}, "WARMUP_RATIO='1' (from the environment) is not a "
+                                                                "finite number from 0 to below 1"),
+    "train-lora-rank-0": ("train.py", {"LORA_RANK": "0"}, "LORA_RANK='0'"),
+    "train-same-split-twice": ("train.py", {"VALIDATION_PATH": "data/./qa_training_set.csv"},
+                               "TRAIN_PATH='data/qa_training_set.csv' and VALIDATION_PATH='data/./qa_training_set.csv' "
+                               "are the same file"),
+    "eval-max-contamination-nan": ("eval.py", {"MAX_CONTAMINATION": "nan"}, "MAX_CONTAMINATION='nan' (from the "
+                                                                            "environment) is not a finite number from "
+                                                                            "0 to 1"),
+    "eval-min-improvement-inf": ("eval.py", {"MIN_IMPROVEMENT": "-inf"}, "MIN_IMPROVEMENT='-inf'"),
+    "eval-language-drop-negative": ("eval.py", {"MAX_LANGUAGE_DROP": "-0.1"}, "MAX_LANGUAGE_DROP='-0.1'"),
+    "eval-bootstrap-0": ("eval.py", {"BOOTSTRAP_RESAMPLES": "0"}, "BOOTSTRAP_RESAMPLES='0'"),
+    "eval-corpus-scope": ("eval.py", {"CORPUS_SCOPE": "everything"}, "CORPUS_SCOPE='everything' (from the "
+                                                                     "environment) is not one of 'all', 'test'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "env", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_before_any_slow_import_and_writes_nothing(tmp_path, script, env, message):
+    work = tmp_path / "work"
+    write_input(work, csv_bytes(BASE))
+    before = snapshot(work)
+    result, slow_imports = run_probed(script, work, env)
+    assert_one_line_error(result, f"error: {message}")
+    assert slow_imports == []
+    assert snapshot(work) == before
+
+
+def test_dotenv_in_utf16_or_with_bom_is_read_and_a_typo_in_it_is_warned_about(tmp_path):
+    work = tmp_path / "work"
+    write_input(work, csv_bytes(BASE))
+    dotenv = "SEED=7\nBATCHSIZE=64\nLEARNING_RATE=1e-4\nWANDB_PROJECT=qa\nHF_HOME=/tmp/hf\nTEST_FRACTION=0.2\n"
+    for encoding in ("utf-16", "utf-8-sig", "utf-16-be", "utf-32"):
+        (work / ".env").write_bytes(dotenv.encode(encoding) if encoding != "utf-16-be" else b"\xfe\xff" +
+                                    dotenv.encode(encoding))  # fmt: skip
+        result = run_script("split_data.py", work)
+        assert result.returncode == 0, (encoding, result.stderr)
+        assert "  SEED = 7" in result.stdout and "  TEST_FRACTION = 0.2" in result.stdout, encoding
+        warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+        # LEARNING_RATE is train.py's, WANDB_ and HF_ are the libraries': only the typo is warned about.
+        assert warnings == [
+            "warning: .env sets BATCHSIZE, which is not a setting of split_data.py, train.py or eval.py (did you "
+            "mean BATCH_SIZE?); it changes nothing"
+        ], encoding
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfeS\x00=\x00\x00\xd8", "error: .env is not readable as utf-16 (unexpected end of data at byte 6)"),
+        (b"SEED=\xe9\n", "error: .env is not readable as utf-8 (invalid continuation byte at byte 5)"),
+        ("SEED=7\n".encode("utf-16-le"), "error: .env is not readable as utf-8 (NUL byte at byte 1)"),
+    ],
+    ids=["utf16-cut-in-a-surrogate", "latin-1", "utf16-without-bom"],
+)
+def test_undecodable_dotenv_is_one_line(tmp_path, content, message):
+    write_input(tmp_path, csv_bytes(BASE))
+    (tmp_path / ".env").write_bytes(content)
+    before = snapshot(tmp_path)
+    for script in SCRIPTS:
+        assert_one_line_error(run_script(script, tmp_path), message)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_default_current_value_and_comment_and_writes_nothing(tmp_path, script):
+    work = tmp_path / "work"
+    write_input(work, csv_bytes(BASE))
+    (work / ".env").write_text("SEED=7\nBOOTSTRAP_SEED=7\n", encoding="utf-8")
+    listing = sorted(str(p.relative_to(work)) for p in work.rglob("*"))  # folders too
+    before = snapshot(work)
+    module = load_script(script)
+    for flag in ("--help", "-h"):
+        result, slow_imports = run_probed(script, work, {"BATCH_SIZE": "0"}, flag)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert slow_imports == []
+        lines = result.stdout.splitlines()
+        assert lines[0] == module.__doc__.strip().splitlines()[0]  # what it reads and writes comes first
+        for name, comment in module.setting_comments().items():
+            (line,) = [number for number, line in enumerate(lines) if line.startswith(f"  {name} = ")]
+            assert lines[line + 1].startswith(f"      {comment} [")
+        seed = "BOOTSTRAP_SEED" if script == "eval.py" else "SEED"
+        assert f"  {seed} = 7  (from .env; default 42)" in lines
+        if "BATCH_SIZE" in module.setting_comments():  # the current value, even an invalid one, is shown as such
+            default = module.BATCH_SIZE
+            assert f"  BATCH_SIZE = '0'  (from the environment, NOT VALID; default {default})" in lines
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == listing
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_any_other_argument_is_one_line_and_writes_nothing(tmp_path, script):
+    write_input(tmp_path, csv_bytes(BASE))
+    before = snapshot(tmp_path)
+    for args in (["--batch-size", "64"], ["BATCH_SIZE=64"], ["--help", "extra"]):
+        result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert_one_line_error(
+            result, f"error: unknown argument {args[0]!r}: {script} takes no arguments but --help; its settings are "
+            f"the constants at the top of {script}, overridden by name in .env or the environment"
+        )  # fmt: skip
+    assert snapshot(tmp_path) == before
+
+
+# --- NaN and inf (issue 11): train.py stops, eval.py's gate blocks, nothing broken is saved or registered --------
+
+
+def poisoned_copy(model_folder: Path, target: Path) -> Path:
+    """A copy of a model folder whose weights are all NaN (what LEARNING_RATE=inf used to train)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_folder, target)
+    weights = load_file(target / "model.safetensors")
+    save_file({name: torch.full_like(t, float("nan")) if t.is_floating_point() else t for name, t in weights.items()},
+              target / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    return target
+
+
+def test_train_stops_with_one_line_when_the_loss_is_nan_and_saves_no_final_model(pipeline, tiny_model, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    shutil.rmtree(work / "output")
+    poisoned = poisoned_copy(tiny_model, tmp_path / "poisoned-model")
+    result = run_script("train.py", work, train_env(tiny_model) | {"MODEL_NAME": str(poisoned)})
+    assert_last_line_is_the_only_error(
+        result, "error: training stopped at step 0: NaN or inf in the training (", "nothing is saved as final"
+    )  # step 0: the base model is evaluated before the first step (train.py's eval_on_start), and found broken
+    assert not (work / "output" / "final").exists() and not (work / "output" / ".final-partial").exists()
+    assert not list((work / "output").glob(".lock*"))  # released on the error exit too
+
+
+def test_eval_blocks_a_checkpoint_with_nan_weights_and_does_not_register_it(pipeline, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    poisoned_copy(work / "output" / "final", work / "output" / "poisoned")
+    # Thresholds that would pass anything finite: only the non-finite rule can block.
+    env = {"CHECKPOINT_PATH": "output/poisoned", "MIN_IMPROVEMENT": "-1", "MAX_LANGUAGE_DROP": "1",
+           "BOOTSTRAP_RESAMPLES": "50"}  # fmt: skip
+    result = run_script("eval.py", work, env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "gate: BLOCKED" in result.stdout
+    assert "  - the fine-tuned model has NaN or inf in " in result.stdout
+    assert "  - the fine-tuned model gives NaN or inf similarity scores for " in result.stdout
+    report = json.loads((work / "output" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["gate"]["passed"] is False and report["registry"] is None
+    assert not (work / "output" / "registry.jsonl").exists() and not (work / "output" / "registry").exists()
+
+    # The same thresholds pass the healthy model: the block above came from the NaN weights alone.
+    healthy = run_script("eval.py", work, env | {"CHECKPOINT_PATH": "output/final"})
+    assert healthy.returncode == 0 and "gate: PASSED" in healthy.stdout, healthy.stdout[-3000:]
+
+
+# --- paths and concurrency (issue 11): one run per output folder, no two paths on one file ------------------------
+
+LOCK_HOLDER = r"""
+import importlib.util, sys
+
+spec = importlib.util.spec_from_file_location("holder", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.lock_folders([sys.argv[2]])
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin
+module.release_locks()
+"""
+
+
+@pytest.mark.parametrize(("script", "folder"), [("split_data.py", "data"), ("train.py", "output"),
+                                                ("eval.py", "output")])  # fmt: skip
+def test_a_second_run_in_a_locked_folder_is_one_line_naming_the_holder(pipeline, tmp_path, script, folder):
+    work = copy_work(pipeline, tmp_path / "work")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(REPO / script), folder], cwd=work,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(work)
+        started = json.loads((work / folder / ".lock-holder.json").read_text(encoding="utf-8"))["started_at"]
+        result = run_script(script, work, {"MODEL_NAME": "unused", "BOOTSTRAP_RESAMPLES": "10"})
+        assert_one_line_error(
+            result, f"error: {folder} is in use by another run ({script}, pid {holder.pid}, started {started}); wait"
+        )
+        assert snapshot(work) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (work / folder / ".lock").exists()  # the holder released it
+    if script == "split_data.py":  # free again: the next run goes through
+        assert run_script(script, work).returncode == 0
+
+
+def test_under_torchrun_only_rank_0_locks(tmp_path, monkeypatch):
+    train = load_script("train.py")
+    monkeypatch.setenv("RANK", "1")
+    train.lock_folders([str(tmp_path)])
+    assert os.listdir(tmp_path) == [] and train.held_locks == {}
+    monkeypatch.setenv("RANK", "0")
+    train.lock_folders([str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == [".lock", ".lock-holder.json"]
+    train.release_locks()
+    assert os.listdir(tmp_path) == []
+
+
+SAME_FILE = {
+    "train-is-test": ({"TEST_PATH": "data/qa_training_set.csv"},
+                      "TRAIN_PATH='data/qa_training_set.csv' and TEST_PATH='data/qa_training_set.csv' are the same "
+                      "file"),
+    "manifest-is-a-split": ({"SPLIT_MANIFEST_PATH": "data/../data/qa_test_set.csv"},
+                            "TEST_PATH='data/qa_test_set.csv' and SPLIT_MANIFEST_PATH='data/../data/qa_test_set.csv' "
+                            "are the same file"),
+    "output-is-the-input": ({"VALIDATION_PATH": "./data/qa_data.csv"},
+                            "DATA_PATH='data/qa_data.csv' and VALIDATION_PATH='./data/qa_data.csv' are the same file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("env", "message"), SAME_FILE.values(), ids=SAME_FILE)
+def test_split_refuses_two_paths_that_are_one_file(tmp_path, env, message):
+    write_input(tmp_path, csv_bytes(BASE))
+    before = snapshot(tmp_path)
+    assert_one_line_error(run_script("split_data.py", tmp_path, env), f"error: {message}; one would overwrite")
+    assert snapshot(tmp_path) == before
+
+
+# --- read-back files of the wrong shape (issue 11): valid JSON, wrong content, one line ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[]", "cannot read data/split_manifest.json (TypeError("),
+        ('{"input": "abc", "settings": {}, "outputs": {}}', "cannot read data/split_manifest.json ("),
+        (None, "cannot read data/split_manifest.json (TypeError("),
+    ],
+    ids=["a-list", "input-is-text", "rows-are-text"],
+)
+def test_split_manifest_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, content, message):
+    write_input(tmp_path, csv_bytes(BASE))
+    split_in_process(tmp_path, monkeypatch)
+    manifest_path = tmp_path / "data" / "split_manifest.json"
+    if content is None:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["outputs"]["test"]["rows"] = "4"
+        content = json.dumps(manifest)
+    manifest_path.write_text(content, encoding="utf-8")
+    write_input(tmp_path, csv_bytes(pd.concat([BASE, small_qa_frame(copies=5)[48:]])))  # new rows: not up to date
+    before = snapshot(tmp_path)
+    assert_one_line_error(run_script("split_data.py", tmp_path), f"error: {message}")
+    assert snapshot(tmp_path) == before
+
+
+def damage_json(path: Path, change) -> None:
+    path.chmod(0o644)
+    path.write_text(change(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+READ_BACK = {
+    "lineage-is-a-list": ("output/final/lineage.json", lambda text: "[1, 2]",
+                          "error: output/final/lineage.json is not a lineage.json as train.py writes it (a JSON list, "
+                          "not an object)"),
+    "lineage-data-is-text": ("output/final/lineage.json",
+                             lambda text: json.dumps(json.loads(text) | {"data": "data/qa_training_set.csv"}),
+                             "error: output/final/lineage.json is not a lineage.json as train.py writes it (data)"),
+    "registry-line-is-a-list": ("output/registry.jsonl", lambda text: "[]\n",
+                                "error: output/registry.jsonl line 1 is not a registry entry (a JSON object with a "
+                                "version like v0001, a path and a model_sha256)"),
+    "registry-line-without-version": ("output/registry.jsonl", lambda text: '{"path": "x", "model_sha256": "0"}\n',
+                                      "error: output/registry.jsonl line 1 is not a registry entry"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("file", "change", "message"), READ_BACK.values(), ids=READ_BACK)
+def test_eval_read_back_file_of_the_wrong_shape_is_one_line_before_scoring(pipeline, tmp_path, monkeypatch, capsys,
+                                                                           file, change, message):  # fmt: skip
+    work = copy_work(pipeline, tmp_path / "work")
+    path = work / file
+    if not path.exists():
+        path.write_text("{}\n", encoding="utf-8")
+    damage_json(path, change)
+    before = snapshot(work / "output")
+    result = run_eval_main(work, monkeypatch, capsys)
+    assert_one_line_error(result, message)
+    assert "test: " not in result.stdout  # refused before reading the test split and scoring
+    assert snapshot(work / "output") == before
+
+
+def test_train_split_manifest_of_the_wrong_shape_is_one_line(pipeline, tiny_model, tmp_path):
+    work = copy_work(pipeline, tmp_path / "work")
+    (work / "data" / "split_manifest.json").write_text('["not", "a", "manifest"]', encoding="utf-8")
+    result = run_script("train.py", work, train_env(tiny_model))
+    assert_one_line_error(result, "error: 'data/split_manifest.json' holds a JSON list, not the object")
+
+
+def test_eval_adapter_config_of_the_wrong_shape_is_one_line(pipeline, tmp_path, monkeypatch, capsys):
+    work = copy_work(pipeline, tmp_path / "work")
+    (work / "output" / "final" / "adapter_config.json").write_text('"base"', encoding="utf-8")
+    result = run_eval_main(work, monkeypatch, capsys)
+    assert_last_line_is_the_only_error(
+        result, "error: output/final/adapter_config.json is not an adapter config as peft writes it"
+    )
+
+
+# --- group ids and columns as exports write them (issue 11) ------------------------------------------------------
+
+
+def test_group_column_null_and_na_link_nothing_in_split_and_eval(tmp_path, monkeypatch):
+    frame = BASE.assign(id=["NULL", "NA", " n/a ", "#N/A"] * 12)  # every row "has" an id that is a missing value
+    write_input(tmp_path, csv_bytes(frame))
+    manifest = split_in_process(tmp_path, monkeypatch, GROUP_COLUMN="id")
+    assert manifest["counts"]["groups"] == 12  # not 4 giant groups
+
+    ev = load_script("eval.py")
+    splits = read_splits(tmp_path)
+    counts = ev.contamination_counts(splits["test"], splits["train"], "id")
+    assert counts["shared_group_ids"] == 0 and counts["leaked_rows"] == 0
+    # ... while a real shared id still counts.
+    splits["test"].loc[0, "id"] = splits["train"].loc[0, "id"] = "faq-7"
+    assert ev.contamination_counts(splits["test"], splits["train"], "id")["shared_group_ids"] == 1
+
+
+def test_eval_finds_the_language_column_regardless_of_case():
+    ev = load_script("eval.py")
+    test = BASE.rename(columns={"language": " Language "})
+    *_, languages = ev.ir_inputs(test, [test], True, "language")
+    assert set(languages.values()) == {"en", "de"}

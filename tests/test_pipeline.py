@@ -43,7 +43,8 @@ def test_split_train_eval_in_order_with_settings_from_dotenv(small_qa_csv, tiny_
     lines = evaluation.stdout.splitlines()
     assert any(METRIC_LINE.match(line) for line in lines), evaluation.stdout
     assert "contamination vs data/qa_training_set.csv: 0 exact-duplicate questions" in evaluation.stdout
-    assert lines[-1].startswith("reports: ")
+    # Registration is the last step, after the reports: a model that passed ends with its registry line.
+    assert lines[-1].startswith("registry: registered v0001" if evaluation.returncode == 0 else "reports: ")
     report = json.loads((workdir / "output" / "eval_report.json").read_text(encoding="utf-8"))
     assert report["gate"]["passed"] is (evaluation.returncode == 0)
     assert set(report["by_language"]) == {"en", "de"} & set(pd.read_csv(workdir / "data" / "qa_test_set.csv").language)

@@ -449,23 +449,24 @@ def test_pii_is_kept_unless_scrubbing_is_on(tmp_path, monkeypatch):
 
 def test_environment_overrides_constants(tmp_path, monkeypatch):
     write_input(tmp_path, filler(100))
-    manifest = run_split(tmp_path, monkeypatch, TEST_FRACTION="0.25", VALIDATION_FRACTION="0", SEED="9")
+    manifest = run_split(tmp_path, monkeypatch, TEST_FRACTION="0.25", VALIDATION_FRACTION="0.15", SEED="9")
     assert manifest["settings"] == {
         "SEED": 9,
-        "VALIDATION_FRACTION": 0.0,
+        "VALIDATION_FRACTION": 0.15,
         "TEST_FRACTION": 0.25,
         "GROUP_COLUMN": "",
         "SCRUB_PII": False,
     }
-    assert manifest["counts"]["by_split"] == {"train": 75, "validation": 0, "test": 25}
+    assert manifest["counts"]["by_split"] == {"train": 60, "validation": 15, "test": 25}
 
 
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("SEED", "abc", "SEED='abc' is not a whole number; set SEED to a whole number such as 42"),
-        ("SCRUB_PII", "maybe", "SCRUB_PII='maybe' is not a boolean"),
-        ("TEST_FRACTION", "1.5", "TEST_FRACTION=1.5 is not a fraction"),
+        ("SEED", "abc", r"^SEED='abc' \(from the environment\) is not a whole number \(the default is 42\)"),
+        ("SCRUB_PII", "maybe", r"^SCRUB_PII='maybe' \(from the environment\) is not true or false"),
+        ("TEST_FRACTION", "1.5", r"^TEST_FRACTION='1.5' .* is not a finite number above 0 and below 1"),
+        ("VALIDATION_FRACTION", "0", r"^VALIDATION_FRACTION='0' .* is not a finite number above 0 and below 1"),
     ],
 )
 def test_bad_setting_is_an_error(tmp_path, monkeypatch, name, value, message):

@@ -110,7 +110,9 @@ def test_settings_parse_by_type_and_reject_bad_values(monkeypatch, tmp_path):
     assert (s.BATCH_SIZE, s.USE_LORA, s.LEARNING_RATE) == (7, True, 1e-4)
     assert Path(s.TRAIN_PATH) == Path("mydata") / "qa_training_set.csv"
     monkeypatch.setenv("BATCH_SIZE", "seven")
-    with pytest.raises(train.InputError, match="BATCH_SIZE='seven' is not a whole number"):
+    with pytest.raises(
+        train.InputError, match=r"BATCH_SIZE='seven' \(from the environment\) is not a whole number above 0"
+    ):
         train.settings()
     monkeypatch.setenv("BATCH_SIZE", "7")
     monkeypatch.setenv("RESUME", "maybe")
@@ -468,8 +470,9 @@ def test_a_run_that_only_gets_worse_saves_nothing_and_says_so(trained, tmp_path)
     # above chance; a learning rate of 1 wrecks it.
     base = trained[0] / "output" / "final"
     data = write_splits(tmp_path)
+    shutil.copy(data / "qa_training_set.csv", data / "qa_validation_set.csv")  # a copy: one file for both is refused
     env = {"MODEL_NAME": str(base), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST, "LEARNING_RATE": "1"}
-    env |= {"VALIDATION_PATH": str(data / "qa_training_set.csv"), "REQUIRE_VALIDATION_GAIN": "true"}
+    env |= {"REQUIRE_VALIDATION_GAIN": "true"}
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "result: no fine-tuned model beat the base model on validation NDCG@10" in result.stdout

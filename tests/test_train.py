@@ -479,3 +479,14 @@ def test_a_run_that_only_gets_worse_saves_nothing_and_says_so(trained, tmp_path)
     assert "nothing was saved as the final model" in result.stdout
     assert not (tmp_path / "output" / "final").exists()
     assert json.loads((tmp_path / "output" / "checkpoints" / "run.json").read_text())["finished_at"]
+
+
+def test_the_group_helpers_are_split_data_copies():
+    # train.py forms batch groups exactly as split_data.py forms split groups; the card allows no shared module.
+    import inspect
+
+    spec = importlib.util.spec_from_file_location("split_data", REPO / "split_data.py")
+    split_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split_data)
+    for name in ("punctuation_pattern", "normalised_question", "group_ids"):
+        assert inspect.getsource(getattr(train, name)) == inspect.getsource(getattr(split_data, name)), name

@@ -448,42 +448,99 @@ class NoImprovement(Result):
 
 @releasing_locks
 def main() -> None:
-    # 1. Settings, device and precision
+    # 1. Settings, device and precision; the output folder is writable and locked for this run (rank 0)
     s = settings()
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = rank == 0
-    started_at = now()
-    if is_main:
-        print("settings:")
-        for name, value in vars(s).items():
-            print(f"  {name} = {value}")
+    r = run_context(s)
     import torch  # after the settings, so that a typo in .env is reported before the slow imports
 
-    cuda = torch.cuda.is_available()
-    fp16 = s.FP16 and cuda
-    if is_main and not cuda:
-        print(CPU_LINE)
+    r.cuda = torch.cuda.is_available()
+    r.fp16 = s.FP16 and r.cuda
     output_dir, checkpoints_dir = Path(s.OUTPUT_DIR), Path(s.OUTPUT_DIR) / "checkpoints"
-    if is_main:
+    if r.is_main:
+        if not r.cuda:
+            print(CPU_LINE)
         check_writable(output_dir)
         lock_folders([s.OUTPUT_DIR])  # a second run in this folder would move this one's live checkpoints aside
 
     # 2. Data: the training and validation splits (the test split stays unopened for eval.py)
+    train, validation, manifest = training_data(s, r.is_main)
+
+    # 3. Model, with the prompts it will carry into encode_query / encode_document, and the datasets
+    model, train_dataset, validation_dataset, base_weights = model_and_datasets(s, train, validation, r.is_main)
+
+    # 4. Loss and validation evaluator
+    loss = training_loss(model, s, r.world_size)
+    corpus_answers = pd.concat([train["Answer"], validation["Answer"]])
+    evaluator = grouped_ir_evaluator(validation, corpus_answers, "validation", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
+
+    # 5. Steps: evaluate (and checkpoint) at least once per epoch, even when an epoch is shorter than EVAL_STEPS
+    r.total_steps, eval_steps = step_budget(s, len(train_dataset), r.world_size, r.is_main)
+
+    # 6. Training arguments, with batches that keep split groups apart
+    group_of_question = group_values_by_question([train, validation], manifest_group_column(manifest))
+    args = training_arguments(s, r, checkpoints_dir, eval_steps, group_of_question, train_dataset.column_names)
+
+    # 7. Resume or start fresh; the main process arranges the checkpoint folder first, the others then read it
+    fingerprint = run_fingerprint(s, r.world_size)
+    r.resume_from = resume_checkpoint(args, checkpoints_dir, fingerprint, s.RESUME, r)
+    args.eval_on_start = r.resume_from is None  # the base model's validation score, the bar every checkpoint must clear
+
+    # 8. Train
+    trainer = finished_trainer(s, r, model, args, (train_dataset, validation_dataset), loss, evaluator)
+    if not r.is_main:
+        return
+
+    # 9. The result must beat the base model on validation: the best checkpoint or its best mix with the base
+    choice = chosen_result(s, trainer, model, base_weights, evaluator, checkpoints_dir)
+
+    # 10. Save the chosen model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
+    data = data_lineage(s, manifest, Path(s.SPLIT_MANIFEST_PATH), fingerprint, len(train), len(validation))
+    lineage = final_lineage(s, r, model, trainer, choice, data, len(train_dataset))
+    final = saved_final(model, output_dir, lineage, trainer.state.log_history, s.USE_LORA and s.MERGE_LORA)
+    mark_finished(checkpoints_dir, final)
+    score = lineage["validation"].get(PRIMARY_METRIC)
+    print(f"best checkpoint: {choice['best']} (validation NDCG@10 = {score if score is None else round(score, 4)})")
+    print(f"final model saved to {final}")
+
+
+def run_context(s: SimpleNamespace) -> SimpleNamespace:
+    """This process's place in the run (rank, world size, start time, experiment tracking); the main process prints
+    the settings. The device fields and what the later steps learn are added by main()."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    started_at = now()
+    if rank == 0:
+        print_settings(s)
+    tracking = "wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline" else "none"
+    return SimpleNamespace(
+        rank=rank, world_size=world_size, is_main=rank == 0, started_at=started_at, tracking=tracking
+    )
+
+
+def training_data(s: SimpleNamespace, verbose: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
+    """The training and validation splits and the split manifest (None when there is none)."""
     train = read_split(Path(s.TRAIN_PATH), "training")
     validation = read_split(Path(s.VALIDATION_PATH), "validation")
     manifest_path = Path(s.SPLIT_MANIFEST_PATH)
     manifest = read_split_manifest(manifest_path)
-    manifest_settings = (manifest or {}).get("settings")
-    group_column = (manifest_settings.get("GROUP_COLUMN") if isinstance(manifest_settings, dict) else None) or None
-    if is_main:
+    if verbose:
         print(
             f"training pairs: {len(train)} from {s.TRAIN_PATH}; validation pairs: {len(validation)} from "
             f"{s.VALIDATION_PATH}"
         )
         if manifest is None:
             print(f"warning: no split manifest at {manifest_path}; lineage.json records the split as unknown (null)")
+    return train, validation, manifest
 
-    # 3. Model, with the prompts it will carry into encode_query / encode_document
+
+def manifest_group_column(manifest: dict | None) -> str | None:
+    """The GROUP_COLUMN the splits were made with, from the split manifest; None without one."""
+    manifest_settings = (manifest or {}).get("settings")
+    return (manifest_settings.get("GROUP_COLUMN") if isinstance(manifest_settings, dict) else None) or None
+
+
+def model_and_datasets(s: SimpleNamespace, train: pd.DataFrame, validation: pd.DataFrame, verbose: bool):
+    """The model to train (with its prompts, a LoRA adapter if USE_LORA), the training and validation datasets, and
+    a copy of the base weights when MIX_WITH_BASE needs them (else None)."""
     from datasets import Dataset
 
     model = load_model(s.MODEL_NAME)
@@ -493,7 +550,7 @@ def main() -> None:
         {"anchor": list(validation["Question"]), "positive": list(validation["Answer"])}
     )  # for the validation loss beside the training loss
     if s.MINE_HARD_NEGATIVES:
-        train_dataset = mined_triplets(train_dataset, model, s, verbose=is_main)
+        train_dataset = mined_triplets(train_dataset, model, s, verbose=verbose)
     base_weights = None if s.USE_LORA or not s.MIX_WITH_BASE else {k: v.clone() for k, v in model.state_dict().items()}
     if s.USE_LORA:
         from peft import LoraConfig, TaskType
@@ -501,41 +558,46 @@ def main() -> None:
         model.add_adapter(
             LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=s.LORA_RANK, lora_alpha=s.LORA_ALPHA, lora_dropout=0.1)
         )
+    return model, train_dataset, validation_dataset, base_weights
 
-    # 4. Loss and validation evaluator
+
+def training_loss(model, s: SimpleNamespace, world_size: int):
+    """MultipleNegativesRankingLoss (cached when CACHED_MINI_BATCH_SIZE > 0) at LOSS_SCALE, symmetric if asked."""
     from sentence_transformers.sentence_transformer import losses
 
     # gather_across_devices: under torchrun every question also sees the answers of the other GPUs' batches.
     directions = ("query_to_doc", "doc_to_query") if s.SYMMETRIC_LOSS else ("query_to_doc",)
     loss_options = {"scale": s.LOSS_SCALE, "directions": directions, "gather_across_devices": world_size > 1}
     if s.CACHED_MINI_BATCH_SIZE > 0:
-        loss = losses.CachedMultipleNegativesRankingLoss(
+        return losses.CachedMultipleNegativesRankingLoss(
             model, mini_batch_size=s.CACHED_MINI_BATCH_SIZE, **loss_options
         )
-    else:
-        loss = losses.MultipleNegativesRankingLoss(model, **loss_options)
-    corpus_answers = pd.concat([train["Answer"], validation["Answer"]])
-    evaluator = grouped_ir_evaluator(validation, corpus_answers, "validation", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
+    return losses.MultipleNegativesRankingLoss(model, **loss_options)
 
-    # 5. Steps: evaluate (and checkpoint) at least once per epoch, even when an epoch is shorter than EVAL_STEPS
-    steps_per_epoch = math.ceil(math.ceil(len(train_dataset) / s.BATCH_SIZE) / world_size)
+
+def step_budget(s: SimpleNamespace, train_rows: int, world_size: int, verbose: bool) -> tuple[int, int]:
+    """The run's total optimizer steps and its evaluation interval: at least one evaluation per epoch."""
+    steps_per_epoch = math.ceil(math.ceil(train_rows / s.BATCH_SIZE) / world_size)
     total_steps = s.MAX_STEPS or steps_per_epoch * s.NUM_TRAIN_EPOCHS
     eval_steps = min(s.EVAL_STEPS, steps_per_epoch, total_steps)
-    if is_main and eval_steps != s.EVAL_STEPS:
+    if verbose and eval_steps != s.EVAL_STEPS:
         print(
             f"EVAL_STEPS={s.EVAL_STEPS} is more than the {min(steps_per_epoch, total_steps)} steps of "
             f"{'one epoch' if steps_per_epoch <= total_steps else 'the run'}: evaluating and saving every "
             f"{eval_steps} steps instead"
         )
+    return total_steps, eval_steps
 
-    # 6. Training arguments
+
+def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: Path, eval_steps: int,
+                       group_of_question: dict[str, str], columns: list[str]):  # fmt: skip
+    """The trainer's arguments: the settings, the device, the grouped batches and the checkpoint schedule."""
     from sentence_transformers.sentence_transformer.training_args import (
         BatchSamplers,
         SentenceTransformerTrainingArguments,
     )
 
-    tracking = "wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline" else "none"
-    args = SentenceTransformerTrainingArguments(
+    return SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints_dir),
         num_train_epochs=s.NUM_TRAIN_EPOCHS,
         max_steps=s.MAX_STEPS or -1,
@@ -544,17 +606,15 @@ def main() -> None:
         learning_rate=s.LORA_LEARNING_RATE if s.USE_LORA else s.LEARNING_RATE,
         weight_decay=s.WEIGHT_DECAY,
         warmup_steps=s.WARMUP_RATIO,  # a float below 1 is a fraction of all steps (transformers 5)
-        fp16=fp16,
-        use_cpu=not cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
-        ddp_backend="gloo" if world_size > 1 and not cuda else None,
+        fp16=r.fp16,
+        use_cpu=not r.cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
+        ddp_backend="gloo" if r.world_size > 1 and not r.cuda else None,
         batch_sampler=(
-            partial(
-                grouped_batch_sampler, group_of_question=group_values_by_question([train, validation], group_column)
-            )
+            partial(grouped_batch_sampler, group_of_question=group_of_question)
             if s.NO_DUPLICATE_BATCHES
             else BatchSamplers.BATCH_SAMPLER
         ),
-        prompts=training_prompts(s.QUERY_PROMPT, s.PASSAGE_PROMPT, train_dataset.column_names),
+        prompts=training_prompts(s.QUERY_PROMPT, s.PASSAGE_PROMPT, columns),
         eval_strategy="steps",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -565,25 +625,28 @@ def main() -> None:
         greater_is_better=True,
         logging_steps=max(1, eval_steps // 5),
         seed=s.SEED,
-        report_to=tracking,
-        run_name=f"{Path(s.MODEL_NAME).name}-{started_at}",
+        report_to=r.tracking,
+        run_name=f"{Path(s.MODEL_NAME).name}-{r.started_at}",
     )
 
-    # 7. Resume or start fresh; the main process arranges the checkpoint folder first, the others then read it
-    fingerprint = run_fingerprint(s, world_size)
-    with args.main_process_first(local=False, desc="checkpoint folder"):
-        if is_main:
-            for line in prepare_checkpoints(checkpoints_dir, fingerprint, s.RESUME, world_size):
-                print(line)
-        resume_from = last_complete_checkpoint(checkpoints_dir, world_size)
-    args.eval_on_start = resume_from is None  # the base model's validation score, the bar every checkpoint must clear
 
-    # 8. Train
+def resume_checkpoint(args, checkpoints_dir: Path, fingerprint: dict, resume: bool, r: SimpleNamespace) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); the main process arranges the folder first."""
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        if r.is_main:
+            for line in prepare_checkpoints(checkpoints_dir, fingerprint, resume, r.world_size):
+                print(line)
+        return last_complete_checkpoint(checkpoints_dir, r.world_size)
+
+
+def finished_trainer(s: SimpleNamespace, r: SimpleNamespace, model, args, datasets: tuple, loss, evaluator):
+    """The trainer after training (resumed from r.resume_from if set); it stops at NaN or inf."""
     from sentence_transformers import SentenceTransformerTrainer
     from transformers import EarlyStoppingCallback
 
     callbacks = [EarlyStoppingCallback(s.EARLY_STOPPING_PATIENCE)] if s.EARLY_STOPPING_PATIENCE > 0 else []
     callbacks.append(stop_on_non_finite_loss())
+    train_dataset, validation_dataset = datasets
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
@@ -593,17 +656,20 @@ def main() -> None:
         evaluator=evaluator,
         callbacks=callbacks,
     )
-    if is_main:
+    if r.is_main:
         print(
-            f"training {total_steps} steps on {world_size} process(es), {'fp16' if fp16 else 'fp32'}, "
-            f"tracking: {tracking}" + (f", resuming from {resume_from}" if resume_from else "")
+            f"training {r.total_steps} steps on {r.world_size} process(es), {'fp16' if r.fp16 else 'fp32'}, "
+            f"tracking: {r.tracking}" + (f", resuming from {r.resume_from}" if r.resume_from else "")
         )
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    print(f"rank {rank} of {world_size}: finished training at step {trainer.state.global_step}")
-    if not is_main:
-        return
+    trainer.train(resume_from_checkpoint=str(r.resume_from) if r.resume_from else None)
+    print(f"rank {r.rank} of {r.world_size}: finished training at step {trainer.state.global_step}")
+    return trainer
 
-    # 9. The result must beat the base model on validation: the best checkpoint or its best mix with the base
+
+def chosen_result(s: SimpleNamespace, trainer, model, base_weights: dict | None, evaluator, checkpoints_dir: Path):
+    """The result loaded into `model`: the best checkpoint or its best mix with the base (best_mix_with_base), with
+    the best checkpoint's path and the base model's validation score. NoImprovement when REQUIRE_VALIDATION_GAIN and
+    it does not beat the base model."""
     best = trainer.state.best_model_checkpoint
     base_score = validation_score_at_step(trainer.state.log_history, 0)
     choice = best_mix_with_base(model, base_weights, evaluator, trainer.state.best_metric)
@@ -615,49 +681,53 @@ def main() -> None:
             f"{choice['score']:.4f}); nothing was saved as the final model: keep using {s.MODEL_NAME}, or add "
             "training pairs, lower LEARNING_RATE or train fewer steps"
         )
+    return choice | {"best": best, "base_score": base_score}
 
-    # 10. Save the chosen model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
-    lineage = {
+
+def final_lineage(s: SimpleNamespace, r: SimpleNamespace, model, trainer, choice: dict, data: dict, train_rows: int):
+    """lineage.json of the final model: base model, data, settings, versions, device, validation and training."""
+    import torch
+
+    return {
         "base_model": {
             "name": s.MODEL_NAME,
             "revision": getattr(model.transformers_model.config, "_commit_hash", None),
         },
-        "data": data_lineage(s, manifest, manifest_path, fingerprint, len(train), len(validation)),
+        "data": data,
         "settings": vars(s),
         "versions": versions(),
         "git_commit": git_commit(),
-        "started_at": started_at,
+        "started_at": r.started_at,
         "finished_at": now(),
-        "device": f"cuda:0 ({torch.cuda.get_device_name(0)})" if cuda else "cpu",
-        "precision": "fp16" if fp16 else "fp32",
-        "best_checkpoint": best,
+        "device": f"cuda:0 ({torch.cuda.get_device_name(0)})" if r.cuda else "cpu",
+        "precision": "fp16" if r.fp16 else "fp32",
+        "best_checkpoint": choice["best"],
         "validation": choice["metrics"]
         or best_validation_metrics(trainer.state.log_history, trainer.state.best_global_step),
-        "base_validation": base_score,
+        "base_validation": choice["base_score"],
         "mix_with_base": {"fine_tuned_share": choice["share"], "validation_scores": choice["tried"]},
         "lora": s.USE_LORA,
         "training": {
             "global_step": trainer.state.global_step,
-            "world_size": world_size,
-            "train_rows": len(train_dataset),
-            "resumed_from": str(resume_from) if resume_from else None,
-            "tracking": tracking,
+            "world_size": r.world_size,
+            "train_rows": train_rows,
+            "resumed_from": str(r.resume_from) if r.resume_from else None,
+            "tracking": r.tracking,
         },
         "evaluations": [],
     }
+
+
+def saved_final(model, output_dir: Path, lineage: dict, log_history: list[dict], merge_lora: bool) -> Path:
+    """save_final(), with a full disk or lost permissions as one error line: the run is not finished, so a rerun
+    resumes and saves."""
     try:
-        final = save_final(
-            model, output_dir, lineage, trainer.state.log_history, merge_lora=s.USE_LORA and s.MERGE_LORA
-        )
-    except OSError as e:  # a full disk or lost permissions: the run is not finished, so a rerun resumes and saves
+        return save_final(model, output_dir, lineage, log_history, merge_lora=merge_lora)
+    except OSError as e:
         raise InputError(
             f"cannot save the final model to '{output_dir / 'final'}' ({e.strerror or e}); free disk space or fix "
             "permissions and rerun train.py: it resumes from the last checkpoint (an earlier final model is unchanged)"
         ) from None
-    mark_finished(checkpoints_dir, final)
-    score = lineage["validation"].get(PRIMARY_METRIC)
-    print(f"best checkpoint: {best} (validation NDCG@10 = {score if score is None else round(score, 4)})")
-    print(f"final model saved to {final}")
 
 
 def now() -> str:

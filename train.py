@@ -126,6 +126,8 @@ DERIVED_PATHS = {
     "SPLIT_MANIFEST_PATH": ("DATA_DIR", "split_manifest.json"),
 }
 DISTINCT_PATHS = ("TRAIN_PATH", "VALIDATION_PATH", "SPLIT_MANIFEST_PATH")
+# How pandas, R, SQL and Excel exports write a missing value (as in split_data.py): such a group id links nothing.
+missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
 
 # --- settings block (identical in split_data.py, train.py, eval.py) ---
 # The constants at the top are the settings: this block reads them from .env and the environment by each constant's
@@ -751,7 +753,8 @@ def check_writable(folder: Path) -> None:
 
 
 def read_split(path: Path, kind: str) -> pd.DataFrame:
-    """A split CSV as Question/Answer strings; anything a user must fix raises InputError."""
+    """A split CSV as strings (Question, Answer and the columns split_data.py carried over, such as GROUP_COLUMN);
+    anything a user must fix raises InputError."""
     if not path.is_file():
         raise InputError(
             f"{kind} split '{path}' not found; run `python split_data.py` first or set "
@@ -774,7 +777,7 @@ def read_split(path: Path, kind: str) -> pd.DataFrame:
         raise InputError(f"{kind} split '{path}' row {row} has an empty Question or Answer; fix or drop that row")
     if frame.empty:
         raise InputError(f"{kind} split '{path}' has no rows; rerun `python split_data.py` on more data")
-    return frame[["Question", "Answer"]]
+    return frame
 
 
 def read_json(path: Path) -> dict | None:
@@ -858,7 +861,14 @@ def group_values_by_question(splits: list[pd.DataFrame], group_column: str | Non
     """Question -> its GROUP_COLUMN value (e.g. the id a question shares with its translation); empty without one."""
     if not group_column or any(group_column not in split.columns for split in splits):
         return {}
-    return {q: g for split in splits for q, g in zip(split["Question"], split[group_column], strict=True)}
+    return {q: g for split in splits for q, g in zip(split["Question"], group_values(split[group_column]), strict=True)}
+
+
+def group_values(column: pd.Series) -> pd.Series:
+    """A GROUP_COLUMN's values stripped, with the markers of a missing value ("NULL", "NA", ...) as "": as in
+    split_data.py, they link nothing."""
+    values = column.str.strip()
+    return values.mask(values.str.casefold().isin(missing_markers), "")
 
 
 def batch_groups(dataset, group_of_question: dict[str, str]) -> list[str]:
@@ -1153,8 +1163,8 @@ def choice_line(base_score: float | None, best_checkpoint: str | None, choice: d
     base = "not evaluated (resumed run)" if base_score is None else f"{base_score:.4f}"
     line = f"validation NDCG@10: base {base} | best checkpoint {choice['tried'][1.0]:.4f} ({best_checkpoint})"
     if tried:
-        line += f" | mixed with the base (share of fine-tuned weights: score) {tried}"
-    return line + f"; kept share {choice['share']:g}"
+        line += f" | mixed with the base (share of fine-tuned weights: score) {tried}; kept share {choice['share']:g}"
+    return line
 
 
 def save_final(model, output_dir: Path, lineage: dict, log_history: list[dict], merge_lora: bool) -> Path:

@@ -490,3 +490,21 @@ def test_the_group_helpers_are_split_data_copies():
     spec.loader.exec_module(split_data)
     for name in ("punctuation_pattern", "normalised_question", "group_ids"):
         assert inspect.getsource(getattr(train, name)) == inspect.getsource(getattr(split_data, name)), name
+    eval_spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
+    eval_script = importlib.util.module_from_spec(eval_spec)
+    eval_spec.loader.exec_module(eval_script)
+    assert inspect.getsource(train.group_values) == inspect.getsource(eval_script.group_values)
+    assert train.missing_markers == split_data.missing_markers == eval_script.missing_markers
+
+
+def test_the_group_column_reaches_the_sampler_and_missing_markers_link_nothing(tmp_path):
+    ids = ["x", "x", "NULL", "null"]
+    frame = pd.DataFrame({"Question": ["q1", "Frage 1", "q2", "q3"], "Answer": ["a1", "b1", "a2", "a3"], "id": ids})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    split = train.read_split(tmp_path / "train.csv", "training")  # as train.py reads it, the id column kept
+    groups = train.batch_groups(
+        {"anchor": list(split["Question"]), "positive": list(split["Answer"])},
+        train.group_values_by_question([split], "id"),
+    )
+    assert groups[0] == groups[1]  # a question and its translation: one group
+    assert len({groups[0], groups[2], groups[3]}) == 3  # "NULL" and "null" are no id, so no link

@@ -429,13 +429,7 @@ def main() -> int:
     evaluator = test_evaluator(queries, corpus, relevant_docs, s.QUERY_PROMPT, s.PASSAGE_PROMPT, s.BATCH_SIZE)
     if s.PRIMARY_METRIC not in metric_names(evaluator):
         raise InputError(f"PRIMARY_METRIC={s.PRIMARY_METRIC!r} is not one of {metric_names(evaluator)}; fix it in .env")
-    # The checkpoint loads first: a broken one should fail at once, not after the base model was scored.
-    models = {
-        "finetuned": load_model(str(checkpoint), "CHECKPOINT_PATH"),
-        "base": load_model(base_name, "BASE_MODEL_NAME"),
-    }
-    rankings = {system: model_rankings(evaluator, models[system]) for system in ("base", "finetuned")}
-    rankings["bm25"] = bm25_rankings(evaluator)
+    models, rankings = models_and_rankings(evaluator, checkpoint, base_name)
     scopes, scores = scope_scores(evaluator, rankings, query_languages)
     if len(scopes) == 1:
         print(f"per language: the test split has no {s.LANGUAGE_COLUMN!r} column, so overall metrics only")
@@ -450,9 +444,7 @@ def main() -> int:
 
     # 7. The gate fails closed: NaN or inf anywhere blocks, and every reason to block is printed, not just the first.
     reasons = non_finite_reasons(models, rankings, scores, general) + gate_reasons(scores, contamination, s, general)
-    print("gate: PASSED" if not reasons else "gate: BLOCKED")
-    for reason in reasons:
-        print(f"  - {reason}")
+    print("\n".join(["gate: PASSED" if not reasons else "gate: BLOCKED"] + [f"  - {reason}" for reason in reasons]))
 
     # 8. Keep the result: lineage (history), reports (the latest evaluation), and last the registry (what may ship),
     #    so that a failure on the way leaves no half-registered version.
@@ -466,6 +458,18 @@ def main() -> int:
     if plan:
         register(plan, checkpoint, output_dir, lineage, report)
     return 0 if not reasons else 1
+
+
+def models_and_rankings(evaluator, checkpoint: Path, base_name: str) -> tuple[dict, dict]:
+    """The fine-tuned and the base model, and their and BM25's rankings of the test queries. The checkpoint loads
+    first: a broken one should fail at once, not after the base model was scored."""
+    models = {
+        "finetuned": load_model(str(checkpoint), "CHECKPOINT_PATH"),
+        "base": load_model(base_name, "BASE_MODEL_NAME"),
+    }
+    rankings = {system: model_rankings(evaluator, models[system]) for system in ("base", "finetuned")}
+    rankings["bm25"] = bm25_rankings(evaluator)
+    return models, rankings
 
 
 def checkpoint_lineage_and_base(checkpoint: Path, output_dir: Path, s: SimpleNamespace) -> tuple[dict | None, str]:

@@ -2,7 +2,8 @@
 
 Run from the repository root after split_data.py and train.py: `python eval.py`. It prints one line per metric,
 `<metric>: base=<x> | fine-tuned=<x> | Δ=<±x> | bm25=<x>`, overall and per language, a verdict from a paired
-bootstrap, and the gate's decision. Exit code: 0 = the gate passed, 1 = blocked (every reason printed), 2 = bad input.
+bootstrap, the same for each general set named in GENERAL_TEST_PATH (other domains, each on its own answers), and the
+gate's decision. Exit code: 0 = the gate passed, 1 = blocked (every reason printed), 2 = bad input.
 Reads the three splits (DATA_DIR/qa_*_set.csv), the checkpoint (CHECKPOINT_PATH, default OUTPUT_DIR/final) with its
 lineage.json, the base model and OUTPUT_DIR/registry.jsonl. Writes OUTPUT_DIR/eval_report.{json,md,png}, appends this
 evaluation to the checkpoint's lineage.json, and last copies a passing model into OUTPUT_DIR/registry/v<NNNN>/ and

@@ -2,9 +2,10 @@
 
 Reads DATA_DIR/qa_training_set.csv and qa_validation_set.csv (columns Question, Answer), trains with in-batch
 negatives (MultipleNegativesRankingLoss), keeps the checkpoint with the best validation NDCG@10 and saves it to
-OUTPUT_DIR/final with a lineage.json and a training-curve PNG. A killed run resumes from its last complete checkpoint.
-Checkpoints go to OUTPUT_DIR/checkpoints/; OUTPUT_DIR/.lock keeps a second run out while this one runs. Multi-GPU:
-`torchrun --nproc_per_node=N train.py`.
+OUTPUT_DIR/final with a lineage.json and a training-curve PNG, but only if it beats the base model on validation
+(scored before the first step); otherwise it says so, saves nothing and exits with code 1. A killed run resumes
+from its last complete checkpoint. Checkpoints go to OUTPUT_DIR/checkpoints/; OUTPUT_DIR/.lock keeps a second run out
+while this one runs. Multi-GPU: `torchrun --nproc_per_node=N train.py`.
 """
 
 import codecs

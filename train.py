@@ -56,6 +56,8 @@ WARMUP_RATIO = 0.1  # fraction of all steps with a rising learning rate
 EVAL_STEPS = 500  # evaluate and checkpoint every N steps (at least once per epoch)
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the best one is always kept on top
 EARLY_STOPPING_PATIENCE = 0  # stop after N evaluations without a better validation NDCG@10; 0 = off
+VALIDATION_MAX_QUERIES = 1000  # validation questions per evaluation, a seeded sample above this: keeps it cheap
+VALIDATION_DISTRACTORS = 4000  # other answers (training, other validation) searched too, a seeded sample above this
 SEED = 42  # seeds the shuffling, the initialisation of new weights and dropout
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
 NO_DUPLICATE_BATCHES = True  # no two rows of one split group (same answer, question or GROUP_COLUMN value) in a batch
@@ -106,6 +108,8 @@ LIMITS = {
     "EVAL_STEPS": ">=1",
     "SAVE_TOTAL_LIMIT": ">=1",
     "EARLY_STOPPING_PATIENCE": ">=0",
+    "VALIDATION_MAX_QUERIES": ">=1",
+    "VALIDATION_DISTRACTORS": ">=0",
     "SEED": "[0,4294967295]",
     "HARD_NEGATIVE_MARGIN": "[0,1)",
     "HARD_NEGATIVE_MAX_SCORE": "(0,1]",
@@ -143,7 +147,8 @@ ALL_SETTINGS = frozenset(
     "MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
     "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
     "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA "
-    "VALIDATION_FRACTION VALIDATION_PATH WARMUP_RATIO WEIGHT_DECAY".split()
+    "VALIDATION_DISTRACTORS VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO "
+    "WEIGHT_DECAY".split()
 )  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
 LIBRARY_VARIABLES = (
     "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TOKENIZERS_", "DATASETS_",
@@ -465,16 +470,17 @@ def main() -> None:
         check_writable(output_dir)
         lock_folders([s.OUTPUT_DIR])  # a second run in this folder would move this one's live checkpoints aside
 
-    # 2. Data: the training and validation splits (the test split stays unopened for eval.py)
+    # 2. Data: the training and validation splits (the test split stays unopened for eval.py), and what each
+    #    evaluation scores: validation questions against their answers and distractors, seeded samples above the caps
     train, validation, manifest = training_data(s, r.is_main)
+    scored = scored_validation(s, train, validation, r.is_main)
 
     # 3. Model, with the prompts it will carry into encode_query / encode_document, and the datasets
-    model, train_dataset, validation_dataset, base_weights = model_and_datasets(s, train, validation, r.is_main)
+    model, train_dataset, validation_dataset, base_weights = model_and_datasets(s, train, scored.pairs, r.is_main)
 
     # 4. Loss and validation evaluator
     loss = training_loss(model, s, r.world_size)
-    corpus_answers = pd.concat([train["Answer"], validation["Answer"]])
-    evaluator = grouped_ir_evaluator(validation, corpus_answers, "validation", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
+    evaluator = grouped_ir_evaluator(scored.pairs, scored.corpus, "validation", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
 
     # 5. Steps: evaluate (and checkpoint) at least once per epoch, even when an epoch is shorter than EVAL_STEPS
     r.total_steps, eval_steps = step_budget(s, len(train_dataset), r.world_size, r.is_main)
@@ -498,6 +504,7 @@ def main() -> None:
 
     # 10. Save the chosen model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
     data = data_lineage(s, manifest, Path(s.SPLIT_MANIFEST_PATH), fingerprint, len(train), len(validation))
+    data["validation"]["scored"] = scored.counts
     lineage = final_lineage(s, r, model, trainer, choice, data, len(train_dataset))
     final = saved_final(model, output_dir, lineage, trainer.state.log_history, s.USE_LORA and s.MERGE_LORA)
     mark_finished(checkpoints_dir, final)
@@ -533,6 +540,57 @@ def training_data(s: SimpleNamespace, verbose: bool) -> tuple[pd.DataFrame, pd.D
         if manifest is None:
             print(f"warning: no split manifest at {manifest_path}; lineage.json records the split as unknown (null)")
     return train, validation, manifest
+
+
+def scored_validation(s: SimpleNamespace, train: pd.DataFrame, validation: pd.DataFrame, verbose: bool):
+    """What every evaluation scores, bounded: up to VALIDATION_MAX_QUERIES distinct validation questions with all
+    their pairs (`pairs`, also the validation loss's), and a `corpus` of their answers plus up to
+    VALIDATION_DISTRACTORS other answers (training ones and those of the unsampled questions), so that the search
+    stays as hard as a production index makes it while its cost stops growing with the data. Both samples are
+    seeded by SEED and depend on the splits alone, so every torchrun rank and every resumed run scores the same set.
+    Below both caps it is the whole validation split against every training and validation answer, in the order
+    of the splits. `counts` goes to lineage.json."""
+    rng = np.random.default_rng(s.SEED)
+    questions = list(dict.fromkeys(validation["Question"]))
+    sampled = seeded_subset(questions, s.VALIDATION_MAX_QUERIES, rng)
+    pairs = validation[validation["Question"].isin(set(sampled))]
+    answers = list(dict.fromkeys(pd.concat([train["Answer"], validation["Answer"]])))
+    relevant = set(pairs["Answer"])
+    others = [answer for answer in answers if answer not in relevant]
+    distractors = set(seeded_subset(others, s.VALIDATION_DISTRACTORS, rng))
+    corpus = [answer for answer in answers if answer in relevant or answer in distractors]
+    if verbose:
+        if len(sampled) < len(questions):
+            print(
+                f"validation queries: {len(sampled)} of {len(questions)} (seeded sample; {len(pairs)} pairs for the "
+                "validation loss)"
+            )
+        print(
+            f"validation corpus: {len(corpus)} documents ("
+            + (
+                f"{len(distractors)} sampled from {len(others)} training and other validation answers)"
+                if len(distractors) < len(others)
+                else "every training and validation answer)"
+            )
+        )
+    counts = {
+        "max_queries": s.VALIDATION_MAX_QUERIES,
+        "queries": len(sampled),
+        "of_queries": len(questions),
+        "pairs": len(pairs),
+        "max_distractors": s.VALIDATION_DISTRACTORS,
+        "distractors": len(distractors),
+        "of_other_answers": len(others),
+        "corpus_documents": len(corpus),
+    }
+    return SimpleNamespace(pairs=pairs, corpus=corpus, counts=counts)
+
+
+def seeded_subset(items: list, cap: int, rng: np.random.Generator) -> list:
+    """`items` when there are at most `cap`, else `cap` of them drawn by `rng`, in their original order."""
+    if len(items) <= cap:
+        return items
+    return [items[i] for i in np.sort(rng.choice(len(items), cap, replace=False))]
 
 
 def manifest_group_column(manifest: dict | None) -> str | None:
@@ -610,6 +668,7 @@ def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: 
         weight_decay=s.WEIGHT_DECAY,
         warmup_steps=s.WARMUP_RATIO,  # a float below 1 is a fraction of all steps (transformers 5)
         fp16=r.fp16,
+        **dataloader_options(r.cuda),
         use_cpu=not r.cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
         ddp_backend="gloo" if r.world_size > 1 and not r.cuda else None,
         batch_sampler=(
@@ -631,6 +690,13 @@ def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: 
         report_to=r.tracking,
         run_name=f"{Path(s.MODEL_NAME).name}-{r.started_at}",
     )
+
+
+def dataloader_options(cuda: bool) -> dict:
+    """Worker processes and pinned memory prepare the next batches while a GPU computes. On the CPU the cores a
+    worker would take are the ones training, so the main process tokenises the batches itself."""
+    workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if cuda else 0
+    return {"dataloader_num_workers": workers, "dataloader_pin_memory": cuda}
 
 
 def resume_checkpoint(args, checkpoints_dir: Path, fingerprint: dict, resume: bool, r: SimpleNamespace) -> Path | None:
@@ -660,9 +726,11 @@ def finished_trainer(s: SimpleNamespace, r: SimpleNamespace, model, args, datase
         callbacks=callbacks,
     )
     if r.is_main:
+        pinned = ", pinned memory" if args.dataloader_pin_memory else ""
         print(
             f"training {r.total_steps} steps on {r.world_size} process(es), {'fp16' if r.fp16 else 'fp32'}, "
-            f"tracking: {r.tracking}" + (f", resuming from {r.resume_from}" if r.resume_from else "")
+            f"{args.dataloader_num_workers} data-loader workers{pinned}, tracking: {r.tracking}"
+            + (f", resuming from {r.resume_from}" if r.resume_from else "")
         )
     trainer.train(resume_from_checkpoint=str(r.resume_from) if r.resume_from else None)
     print(f"rank {r.rank} of {r.world_size}: finished training at step {trainer.state.global_step}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -76,6 +77,9 @@ def test_end_to_end_writes_final_model_lineage_and_curve(trained):
     assert "  NUM_TRAIN_EPOCHS = 2" in lines  # the environment wins over .env
     assert any(line.startswith("EVAL_STEPS=500 is more than the 10 steps of one epoch") for line in lines)
     assert "tracking: none" in result.stdout
+    assert "validation corpus: 12 documents (every training and validation answer)" in lines  # below the caps
+    assert not any(line.startswith("validation queries:") for line in lines)
+    assert ", fp32, 0 data-loader workers, tracking: none" in result.stdout  # the CPU trains; no worker takes a core
 
     final = folder / "output" / "final"
     lineage = json.loads((final / "lineage.json").read_text())
@@ -89,6 +93,19 @@ def test_end_to_end_writes_final_model_lineage_and_curve(trained):
     assert 0 <= lineage["validation"]["validation_cosine_ndcg@10"] <= 1
     assert lineage["best_checkpoint"].startswith("output/checkpoints/checkpoint-")
     assert lineage["evaluations"] == []
+    assert lineage["data"]["validation"]["scored"] == {
+        "max_queries": train.VALIDATION_MAX_QUERIES,
+        "queries": 8,
+        "of_queries": 8,
+        "pairs": 8,
+        "max_distractors": train.VALIDATION_DISTRACTORS,
+        "distractors": 10,
+        "of_other_answers": 10,
+        "corpus_documents": 12,
+    }
+    fingerprint = json.loads((folder / "output" / "checkpoints" / "run.json").read_text())["fingerprint"]
+    assert fingerprint["settings"]["VALIDATION_MAX_QUERIES"] == train.VALIDATION_MAX_QUERIES  # a change starts anew
+    assert fingerprint["settings"]["VALIDATION_DISTRACTORS"] == train.VALIDATION_DISTRACTORS
     assert (final / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sentence-transformers" in (final / "README.md").read_text()  # the library's model card is kept
     assert not (folder / "wandb").exists()  # tracking off: wandb never started
@@ -299,8 +316,8 @@ def test_lora_adapter_is_small_loads_and_merged_model_matches(tiny_model, tmp_pa
     assert abs(adapter_embeddings - base.encode(texts, prompt="query: ")).max() > 1e-5  # the adapter did train
 
 
-def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
-    write_splits(tmp_path)
+def test_hard_negatives_cached_loss_bounded_validation_and_offline_tracking(tiny_model, tmp_path, capsys):
+    data = write_splits(tmp_path)
     env = {
         "MODEL_NAME": str(tiny_model),
         "BATCH_SIZE": "8",
@@ -312,15 +329,26 @@ def test_hard_negatives_cached_loss_and_offline_tracking(tiny_model, tmp_path):
         "WANDB_MODE": "offline",
         "WANDB_PROJECT": "train-test",
         "MIX_WITH_BASE": "1",
+        "VALIDATION_MAX_QUERIES": "5",  # of 8
+        "VALIDATION_DISTRACTORS": "3",  # of 10 or 11
         **FAST,
     }
     result = run_script("train.py", tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The run scored the sample this process draws from the same splits: seeded, whatever the process.
+    caps = SimpleNamespace(SEED=train.SEED, VALIDATION_MAX_QUERIES=5, VALIDATION_DISTRACTORS=3)
+    splits = [train.read_split(data / f"qa_{kind}_set.csv", kind) for kind in ("training", "validation")]
+    capsys.readouterr()
+    scored = train.scored_validation(caps, *splits, verbose=True)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0].startswith("validation queries: 5 of 8 (seeded sample; 5 pairs")
+    assert all(line in stdout_lines(result) for line in printed), printed
+    lineage = json.loads((tmp_path / "output" / "final" / "lineage.json").read_text())
+    assert lineage["data"]["validation"]["scored"] == scored.counts and scored.counts["distractors"] == 3
     mined = re.search(r"^hard negatives: (\d+) \(anchor, positive, negative\) rows from 40 pairs", result.stdout, re.M)
     assert mined and 0 < int(mined.group(1)) <= 40
     assert "tracking: wandb" in result.stdout
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    lineage = json.loads((tmp_path / "output" / "final" / "lineage.json").read_text())
     assert lineage["settings"]["CACHED_MINI_BATCH_SIZE"] == 2 and lineage["training"]["tracking"] == "wandb"
     mix = lineage["mix_with_base"]
     assert set(mix["validation_scores"]) == {"0.25", "0.5", "0.75", "1.0"}  # JSON keys
@@ -508,3 +536,127 @@ def test_the_group_column_reaches_the_sampler_and_missing_markers_link_nothing(t
     )
     assert groups[0] == groups[1]  # a question and its translation: one group
     assert len({groups[0], groups[2], groups[3]}) == 3  # "NULL" and "null" are no id, so no link
+
+
+def validation_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """300 training pairs and 132 validation pairs: 120 questions, two per answer, every 10th with a second answer of
+    its own; one training answer is a validation answer (split_data.py never does that, a hand-made split may), so
+    371 distinct answers in all."""
+    training = pd.DataFrame({"Question": [f"tq{i}" for i in range(300)], "Answer": [f"ta{i}" for i in range(300)]})
+    training.loc[0, "Answer"] = "va0"
+    rows = [(f"vq{i}", f"va{i // 2}") for i in range(120)] + [(f"vq{i}", f"vb{i}") for i in range(0, 120, 10)]
+    validation = pd.DataFrame(rows, columns=["Question", "Answer"])
+    return training, validation
+
+
+def caps(queries: int, distractors: int, seed: int = 42) -> SimpleNamespace:
+    return SimpleNamespace(SEED=seed, VALIDATION_MAX_QUERIES=queries, VALIDATION_DISTRACTORS=distractors)
+
+
+def test_scored_validation_is_a_seeded_capped_sample_with_every_answer_of_its_questions():
+    training, validation = validation_frames()
+    scored = train.scored_validation(caps(30, 50), training, validation, verbose=False)
+    again = train.scored_validation(caps(30, 50), training, validation, verbose=False)
+    pd.testing.assert_frame_equal(scored.pairs, again.pairs)
+    assert scored.corpus == again.corpus
+    other_seed = train.scored_validation(caps(30, 50, seed=43), training, validation, verbose=False)
+    assert set(other_seed.pairs["Question"]) != set(scored.pairs["Question"])
+
+    questions = set(scored.pairs["Question"])
+    assert len(questions) == 30
+    # Every pair of a sampled question is scored, so a question with two answers keeps both.
+    pd.testing.assert_frame_equal(scored.pairs, validation[validation["Question"].isin(questions)])
+    assert scored.pairs["Question"].duplicated().any()
+    relevant = set(scored.pairs["Answer"])
+    assert relevant <= set(scored.corpus)
+    # Each document once: a sampled question's answer is never a distractor as well, and 50 distractors are added.
+    assert len(scored.corpus) == len(set(scored.corpus)) == len(relevant) + 50
+    distractors = set(scored.corpus) - relevant
+    assert distractors & set(training["Answer"])
+    assert distractors & (set(validation["Answer"]) - relevant)  # unsampled validation answers are distractors too
+    assert scored.counts == {
+        "max_queries": 30,
+        "queries": 30,
+        "of_queries": 120,
+        "pairs": len(scored.pairs),
+        "max_distractors": 50,
+        "distractors": 50,
+        "of_other_answers": 371 - len(relevant),
+        "corpus_documents": len(relevant) + 50,
+    }
+
+
+def test_scored_validation_up_to_the_caps_is_the_whole_split_against_every_answer(capsys):
+    training, validation = validation_frames()
+    every_answer = list(dict.fromkeys(pd.concat([training["Answer"], validation["Answer"]])))  # the previous corpus
+    assert len(every_answer) == 371
+    scored = train.scored_validation(caps(120, 299), training, validation, verbose=True)
+    pd.testing.assert_frame_equal(scored.pairs, validation)
+    assert scored.corpus == every_answer
+    assert capsys.readouterr().out.splitlines() == [
+        "validation corpus: 371 documents (every training and validation answer)"
+    ]
+
+    train.scored_validation(caps(119, 298), training, validation, verbose=True)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2
+    assert re.fullmatch(
+        r"validation queries: 119 of 120 \(seeded sample; 13[01] pairs for the validation loss\)", printed[0]
+    )
+    assert re.fullmatch(
+        r"validation corpus: \d+ documents \(298 sampled from (299|300) training and other validation answers\)",
+        printed[1],
+    )
+
+
+def test_scored_validation_is_the_same_in_every_process(tmp_path):
+    # torchrun ranks and resumed runs are separate processes, with their own string hashing (set order).
+    training, validation = validation_frames()
+    training.to_csv(tmp_path / "training.csv", index=False)
+    validation.to_csv(tmp_path / "validation.csv", index=False)
+    code = (
+        "import importlib.util, json, sys; from types import SimpleNamespace as S\n"
+        f"spec = importlib.util.spec_from_file_location('train', {str(REPO / 'train.py')!r})\n"
+        "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
+        "splits = [train.read_split(train.Path(sys.argv[1], f'{k}.csv'), k) for k in ('training', 'validation')]\n"
+        "s = S(SEED=42, VALIDATION_MAX_QUERIES=30, VALIDATION_DISTRACTORS=50)\n"
+        "scored = train.scored_validation(s, *splits, verbose=False)\n"
+        "print(json.dumps([list(scored.pairs['Question']), scored.corpus]))\n"
+    )
+    samples = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        samples.append(json.loads(result.stdout))
+    here = train.scored_validation(caps(30, 50), training, validation, verbose=False)
+    assert samples[0] == samples[1] == [list(here.pairs["Question"]), here.corpus]
+
+
+def test_dataloader_defaults_and_grouped_batches_from_worker_processes(tiny_model, tmp_path):
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+
+    assert train.dataloader_options(cuda=False) == {"dataloader_num_workers": 0, "dataloader_pin_memory": False}
+    on_gpu = train.dataloader_options(cuda=True)
+    assert on_gpu["dataloader_pin_memory"] and 0 <= on_gpu["dataloader_num_workers"] <= 4
+    # On a GPU machine workers load the batches the grouped sampler (a callable the trainer calls) lays out.
+    frame = translation_pairs()
+    dataset = Dataset.from_dict({"anchor": list(frame["Question"]), "positive": list(frame["Answer"])})
+    s = SimpleNamespace(**train.setting_defaults() | {"BATCH_SIZE": 8, "MODEL_NAME": str(tiny_model)})
+    r = SimpleNamespace(fp16=False, cuda=False, world_size=1, tracking="none", started_at="now")
+    group_of_question = train.group_values_by_question([frame], "id")
+    args = train.training_arguments(s, r, tmp_path / "checkpoints", 10, group_of_question, dataset.column_names)
+    args.dataloader_num_workers = 2
+    model = SentenceTransformer(str(tiny_model))
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        loss=train.training_loss(model, s, world_size=1),
+    )
+    loader = trainer.get_train_dataloader()
+    assert loader.num_workers == 2
+    sizes = [len(batch["anchor_input_ids"]) for batch in loader]
+    assert sum(sizes) == len(frame) and max(sizes) <= 8  # every row once, in batches of at most BATCH_SIZE

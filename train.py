@@ -668,7 +668,7 @@ def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: 
         weight_decay=s.WEIGHT_DECAY,
         warmup_steps=s.WARMUP_RATIO,  # a float below 1 is a fraction of all steps (transformers 5)
         fp16=r.fp16,
-        **dataloader_options(r.cuda),
+        **dataloader_options(r.cuda, r.world_size),
         use_cpu=not r.cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
         ddp_backend="gloo" if r.world_size > 1 and not r.cuda else None,
         batch_sampler=(
@@ -692,10 +692,11 @@ def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: 
     )
 
 
-def dataloader_options(cuda: bool) -> dict:
-    """Worker processes and pinned memory prepare the next batches while a GPU computes. On the CPU the cores a
-    worker would take are the ones training, so the main process tokenises the batches itself."""
-    workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if cuda else 0
+def dataloader_options(cuda: bool, processes: int) -> dict:
+    """Worker processes and pinned memory prepare the next batches while a GPU computes: up to 4 per training
+    process, sharing the cores but one. On the CPU the cores a worker would take are the ones training, so the main
+    process tokenises the batches itself."""
+    workers = max(0, min(4, ((os.cpu_count() or 1) - 1) // processes)) if cuda else 0
     return {"dataloader_num_workers": workers, "dataloader_pin_memory": cuda}
 
 

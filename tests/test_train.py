@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -637,9 +638,13 @@ def test_dataloader_defaults_and_grouped_batches_from_worker_processes(tiny_mode
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
-    assert train.dataloader_options(cuda=False) == {"dataloader_num_workers": 0, "dataloader_pin_memory": False}
-    on_gpu = train.dataloader_options(cuda=True)
-    assert on_gpu["dataloader_pin_memory"] and 0 <= on_gpu["dataloader_num_workers"] <= 4
+    assert train.dataloader_options(False, 1) == {"dataloader_num_workers": 0, "dataloader_pin_memory": False}
+    for cores, processes, workers in ((2, 1, 1), (16, 1, 4), (16, 8, 1), (1, 1, 0)):
+        with mock.patch("os.cpu_count", return_value=cores):
+            assert train.dataloader_options(True, processes) == {
+                "dataloader_num_workers": workers,
+                "dataloader_pin_memory": True,
+            }
     # On a GPU machine workers load the batches the grouped sampler (a callable the trainer calls) lays out.
     frame = translation_pairs()
     dataset = Dataset.from_dict({"anchor": list(frame["Question"]), "positive": list(frame["Answer"])})

@@ -508,3 +508,79 @@ def test_the_group_column_reaches_the_sampler_and_missing_markers_link_nothing(t
     )
     assert groups[0] == groups[1]  # a question and its translation: one group
     assert len({groups[0], groups[2], groups[3]}) == 3  # "NULL" and "null" are no id, so no link
+
+
+# --- the general guard (issue 13): a general validation set, and the candidate that keeps it ---------------------
+
+GENERAL_ROWS = [
+    ("What is the capital of France?", "Paris is the capital of France and its largest city.", "en"),
+    ("Wie lang ist der Rhein?", "Der Rhein ist etwa 1.230 Kilometer lang.", "de"),
+    ("How tall is Mount Everest?", "Mount Everest is 8,849 metres tall, the highest mountain on Earth.", "en"),
+    ("Wann wurde Goethe geboren?", "Goethe wurde am 28. August 1749 in Frankfurt geboren.", "de"),
+    ("When did the Berlin Wall fall?", "The Berlin Wall fell on 9 November 1989.", "en"),
+    ("Was ist die Hauptstadt von Italien?", "Rom ist die Hauptstadt von Italien.", "de"),
+]
+
+
+def write_general_set(path: Path, rows=GENERAL_ROWS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["question", "Answer", "language"]).to_csv(path, index=False)  # any capitalisation
+    return path
+
+
+def test_guarded_share_keeps_the_best_validation_score_within_the_general_limit():
+    names, limit = (["geo.csv", "news.csv"], 0.01)
+    base_general = [0.90, 0.80]
+    validation = {1.0: 0.70, 0.75: 0.69, 0.5: 0.66, 0.25: 0.62}
+    general = {1.0: [0.85, 0.81], 0.75: [0.889, 0.80], 0.5: [0.895, 0.795], 0.25: [0.90, 0.80]}
+    share, verdicts = train.guarded_share(validation, general, 0.60, base_general, (names, limit))
+    # The best checkpoint leads on validation but loses 0.05 on geo.csv; 0.75 loses 0.011: just over the limit.
+    assert share == 0.5
+    assert verdicts[1.0] == "loses 0.0500 on geo.csv, more than MAX_GENERAL_DROP=0.01"
+    assert verdicts[0.75].startswith("loses 0.0110 on geo.csv")
+    assert verdicts[0.5] == verdicts[0.25] == "qualifies"
+    # A candidate must also beat the base on validation; a NaN score never qualifies.
+    share, verdicts = train.guarded_share(validation, general, 0.68, base_general, (names, limit))
+    assert share is None and verdicts[0.5] == "validation 0.6600 does not beat the base's 0.6800"
+    nan = {**general, 0.5: [float("nan"), 0.80], 0.25: [0.90, float("nan")]}
+    assert train.guarded_share(validation, nan, 0.60, base_general, (names, limit))[0] is None
+    # Without a bar (REQUIRE_VALIDATION_GAIN=false) and with a loose limit, the best validation score wins.
+    assert train.guarded_share(validation, general, None, base_general, (names, 0.1))[0] == 1.0
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, tmp_path_factory):
+    """A run with a general validation set and a limit every candidate keeps: the guard scores them all."""
+    folder = tmp_path_factory.mktemp("guarded")
+    write_splits(folder)
+    write_general_set(folder / "general" / "geo.csv")
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST}
+    env |= {"GENERAL_VALIDATION_PATH": "general/geo.csv", "MAX_GENERAL_DROP": "1"}
+    result = run_script("train.py", folder, env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return folder, result
+
+
+def test_the_guard_scores_every_candidate_and_lineage_records_the_choice(guarded):
+    folder, result = guarded
+    lineage = json.loads((folder / "output" / "final" / "lineage.json").read_text())
+    guard = lineage["general_guard"]
+    share = guard["fine_tuned_share"]
+    assert guard["method"] == "mix_with_base" and guard["max_general_drop"] == 1.0
+    assert lineage["mix_with_base"]["fine_tuned_share"] == share
+    validation = lineage["mix_with_base"]["validation_scores"]
+    assert set(validation) == {"0.25", "0.5", "0.75", "1.0"}
+    assert validation[str(share)] == max(validation.values())  # every candidate qualifies: the best validation wins
+    (recorded,) = guard["sets"]
+    assert recorded["path"] == "general/geo.csv" and recorded["rows"] == 6
+    assert recorded["sha256"] == train.sha256(folder / "general" / "geo.csv")
+    assert set(recorded["tried"]) == {"0.25", "0.5", "0.75", "1.0"}
+    assert recorded["chosen"] == recorded["tried"][str(share)] and 0 < recorded["base"] <= 1
+    lines = stdout_lines(result)
+    start = lines.index("general guard (no general validation set may lose more than MAX_GENERAL_DROP=1 NDCG@10):")
+    assert lines[start + 1] == (
+        f"  general/geo.csv (6 rows): base {recorded['base']:.4f} | kept {recorded['chosen']:.4f} "
+        f"(Δ={recorded['chosen'] - recorded['base']:+.4f})"
+    )
+    assert lines[start + 2 : start + 6] == [f"  share {k}: qualifies" for k in ("1", "0.75", "0.5", "0.25")]
+    assert lines[start + 6].startswith(f"kept share {share:g}: the best validation NDCG@10 of the candidates")

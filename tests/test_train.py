@@ -584,3 +584,77 @@ def test_the_guard_scores_every_candidate_and_lineage_records_the_choice(guarded
     )
     assert lines[start + 2 : start + 6] == [f"  share {k}: qualifies" for k in ("1", "0.75", "0.5", "0.25")]
     assert lines[start + 6].startswith(f"kept share {share:g}: the best validation NDCG@10 of the candidates")
+
+
+@pytest.mark.parametrize("damage", ["missing file", "missing column", "bad encoding", "overlaps training"])
+def test_a_general_validation_set_that_cannot_be_used_is_one_error_line_and_exit_2(tmp_path, damage):
+    data = write_splits(tmp_path)
+    path = write_general_set(tmp_path / "general" / "geo.csv")
+    if damage == "missing column":
+        path.write_text(path.read_text(encoding="utf-8").replace("question,", "Frage,", 1), encoding="utf-8")
+    elif damage == "bad encoding":  # Excel's cp1252: "größte" is not UTF-8
+        path.write_bytes(path.read_text(encoding="utf-8").replace("Rhein", "Rhein größte").encode("cp1252"))
+    elif damage == "overlaps training":  # a paraphrase of a training question (case, punctuation) and a training answer
+        training = pd.read_csv(data / "qa_training_set.csv")
+        rows = [(training["Question"][0].upper().rstrip("?"), "Another answer.", "en"),
+                ("Another question?", training["Answer"][1], "en")]  # fmt: skip
+        write_general_set(path, GENERAL_ROWS + rows)
+    general = "general/nope.csv" if damage == "missing file" else "general/geo.csv"
+    # The model is never loaded: the general set is refused before anything slow.
+    result = run_script("train.py", tmp_path, {"MODEL_NAME": "/no/such/model", "GENERAL_VALIDATION_PATH": general})
+    expected = {
+        "missing file": r"error: general/nope\.csv not found; fix GENERAL_VALIDATION_PATH \(comma-separated CSV "
+        r"paths\)",
+        "missing column": r"error: general/geo\.csv has no Question column \(columns: \['Frage', 'Answer', "
+        r"'language'\]\); name the columns Question and Answer in the first line",
+        "bad encoding": r"error: general/geo\.csv is not a readable UTF-8 CSV \('utf-8' codec can't decode byte 0xf6 "
+        r"in position \d+: invalid start byte\); save it as UTF-8 \(Excel: CSV UTF-8\)",
+        "overlaps training": r"error: general validation set general/geo\.csv overlaps the training split "
+        r"data/qa_training_set\.csv: 2 of 8 rows share a normalised question \(1\) or an answer \(1\) with it; a "
+        r"general set holds questions from other domains: remove those rows",
+    }[damage]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert re.fullmatch(expected, line), line
+    assert not (tmp_path / "output" / "checkpoints").exists()
+
+
+def test_a_run_whose_every_candidate_fails_the_guard_saves_nothing_and_says_so(trained, tmp_path):
+    # As in the run that only gets worse: a learning rate of 1 wrecks a base that starts far above chance, so no
+    # candidate beats it on validation, and the guard keeps none.
+    base = trained[0] / "output" / "final"
+    data = write_splits(tmp_path)
+    shutil.copy(data / "qa_training_set.csv", data / "qa_validation_set.csv")
+    write_general_set(tmp_path / "general" / "geo.csv")
+    env = {"MODEL_NAME": str(base), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST, "LEARNING_RATE": "1"}
+    env |= {"REQUIRE_VALIDATION_GAIN": "true", "GENERAL_VALIDATION_PATH": "general/geo.csv"}
+    result = run_script("train.py", tmp_path, env)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = stdout_lines(result)
+    assert lines[-1].startswith(
+        "result: no candidate kept general strength: neither the best checkpoint nor a mix of it with the base beat "
+        "the base model on validation NDCG@10 and lost at most MAX_GENERAL_DROP=0.01 on every general validation set; "
+        "nothing was saved as the final model"
+    )
+    assert "  share 1: validation " in result.stdout and "does not beat the base's" in result.stdout
+    assert any(line.startswith("  general/geo.csv (6 rows): base ") and line.endswith("nothing kept") for line in lines)
+    assert not (tmp_path / "output" / "final").exists()
+    assert json.loads((tmp_path / "output" / "checkpoints" / "run.json").read_text())["finished_at"]
+
+
+def test_eval_refuses_a_general_test_set_the_model_was_chosen_on(guarded):
+    folder, _ = guarded
+    frame = small_qa_frame(copies=5)
+    frame[frame.index >= 48].to_csv(folder / "data" / "qa_test_set.csv", index=False)  # the 5th paraphrases only
+    manifest = folder / "data" / "split_manifest.json"  # eval.py reads the split's GROUP_COLUMN from it
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"settings": {"GROUP_COLUMN": ""}}))
+    shutil.copy(folder / "general" / "geo.csv", folder / "general" / "geo-copy.csv")
+    for general in ("general/geo.csv", "general/geo-copy.csv"):  # the file itself, or a copy under another name
+        result = run_script("eval.py", folder, {"GENERAL_TEST_PATH": general, "BOOTSTRAP_RESAMPLES": "10"})
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            f"error: general set {general} is the general validation set train.py chose this model on (same sha256 "
+            "as general/geo.csv in its lineage.json), so it would flatter the model; never score on a set that was "
+            "chosen on: set GENERAL_TEST_PATH to a held-out general set"
+        ]
+        assert "general[" not in result.stdout

@@ -1,7 +1,7 @@
 """Benchmark of train.py's general guard: what fine-tuning costs outside its domain, with and without the guard.
 
-    python benchmarks/general.py            # both directions, every share scored on the test halves: ~45 min, 2 cores
-    python benchmarks/general.py --directions sample-to-xquad
+    python benchmarks/general.py                      # both directions, every share scored on the test halves
+    python benchmarks/general.py --directions xquad-to-sample --shares guard   # one direction, two candidates
 
 Two directions, multilingual-e5-small with the project's default prompts, one seed:
   sample-to-xquad: trained on the bundled sample (GROUP_COLUMN=faq_id, train.py's default 3 epochs), general set the
@@ -14,8 +14,9 @@ paragraph with its translation, an FAQ entry with its translation), seeded, in a
 Then eval.py scores, on the in-domain test split and the general-test half, the unguarded result (the best
 checkpoint: what train.py keeps without the guard), the guarded result (train.py's final model) and every other
 candidate the guard weighed (the mixes of the best checkpoint with the base at MIX_WEIGHTS), so the trade-off between
-in-domain gain and general drop is seen for each share. The report is printed and saved to
-benchmarks/results/general.md and general.json.
+in-domain gain and general drop is seen for each share (`--shares guard`: the first two only, ~4 eval.py runs less).
+On 2 shared CPU cores a direction takes 30-60 minutes. The report is printed and saved to
+benchmarks/results/general.md and general.json; a run of one direction keeps the other's earlier result there.
 """
 
 import argparse
@@ -86,13 +87,14 @@ def main() -> None:
     # 2. Per direction: split, cut the general halves, train with the guard, score every candidate on the test halves.
     report = {"date": started_at.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine, "versions": library_versions(),
               "git_commit": git_commit(), "model": model, "split_seed": SPLIT_SEED, "halves_seed": HALVES_SEED,
-              "max_general_drop": MAX_GENERAL_DROP, "directions": {}}  # fmt: skip
+              "max_general_drop": MAX_GENERAL_DROP, "directions": earlier_directions()}  # fmt: skip
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="benchmark-general-") as temporary:
         for name, spec in directions.items():
             workdir = Path(temporary) / name
             workdir.mkdir()
-            report["directions"][name] = direction_result(spec, workdir, model)
+            result = direction_result(spec, workdir, model, args.shares == "all")
+            report["directions"][name] = result | {"date": report["date"], "git_commit": report["git_commit"]}
             report["wall_seconds"] = round(time.perf_counter() - started)
             save(report)  # after each direction: a later failure must not cost the figures so far
 
@@ -106,10 +108,26 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="the multilingual-e5-small folder (default: as benchmarks/run.py)")
     parser.add_argument("--directions", default=",".join(DIRECTIONS), help=f"comma-separated, of {list(DIRECTIONS)}")
+    parser.add_argument(
+        "--shares",
+        choices=("all", "guard"),
+        default="all",
+        help="score every candidate share on the test halves, or the unguarded and the kept only",
+    )
     return parser.parse_args()
 
 
-def direction_result(spec: dict, workdir: Path, model: str) -> dict:
+def earlier_directions() -> dict:
+    """The directions of the last saved report, which a run of other directions keeps."""
+    saved = RESULTS_DIR / "general.json"
+    if not saved.is_file():
+        return {}
+    report = json.loads(saved.read_text(encoding="utf-8"))
+    stamp = {"date": report["date"], "git_commit": report["git_commit"]}
+    return {name: stamp | result for name, result in report["directions"].items()}
+
+
+def direction_result(spec: dict, workdir: Path, model: str, every_share: bool) -> dict:
     """Split, cut the general set's halves, train with the guard, then eval.py on each candidate."""
     split = {"DATA_PATH": str(spec["train"]["path"]), "GROUP_COLUMN": spec["train"]["group"], "SEED": str(SPLIT_SEED)}
     run_script("split_data.py", workdir, split)
@@ -122,7 +140,7 @@ def direction_result(spec: dict, workdir: Path, model: str) -> dict:
     lineage = json.loads((final / "lineage.json").read_text(encoding="utf-8")) if trained.exit_code == 0 else None
     best = workdir / best_checkpoint(trained)
     chosen = lineage["general_guard"]["fine_tuned_share"] if lineage else None
-    candidates = {1.0: best} | {share: None for share in train.MIX_WEIGHTS}
+    candidates = {1.0: best} | {share: None for share in train.MIX_WEIGHTS if every_share or share == chosen}
     for share in candidates:
         if share == chosen:
             candidates[share] = final  # train.py's own final model, with its lineage (eval.py checks the halves on it)
@@ -227,6 +245,8 @@ def report_markdown(report: dict) -> str:
         lines += [
             "",
             f"## {name}: trained on `{Path(d['train']).name}`, general set `{Path(d['general']).name}`",
+            "",
+            f"Run {d['date']}, git {d['git_commit']}.",
             "",
             f"Base: in-domain test {base['test_base']:.4f}, general test {base['general_base']:.4f}, general "
             f"validation {fmt(base_validation)}; halves: validation {d['general_halves']['validation']['rows']} rows, "

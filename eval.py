@@ -93,12 +93,13 @@ missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
 ALL_SETTINGS = frozenset(
     "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE "  # noqa: SIM905
     "CHECKPOINT_PATH CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
-    "GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE "
-    "LORA_ALPHA LORA_LEARNING_RATE LORA_RANK LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS "
-    "MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
+    "GENERAL_VALIDATION_PATH GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN "
+    "HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE LORA_ALPHA LORA_LEARNING_RATE LORA_RANK "
+    "LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS MERGE_LORA "
+    "MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
     "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
-    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA "
-    "VALIDATION_DISTRACTORS VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO "
+    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH "
+    "USE_LORA VALIDATION_DISTRACTORS VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO "
     "WEIGHT_DECAY".split()
 )  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
 LIBRARY_VARIABLES = (
@@ -787,7 +788,8 @@ def read_general_sets(s: SimpleNamespace, test: pd.DataFrame, lineage: dict | No
     """The general sets named in GENERAL_TEST_PATH, each read and checked before any model is scored.
 
     A general set stands for everything the model is not trained on, so it must be neither the test split nor
-    overlap it or the training data behind the checkpoint (checked as the test split is, by contamination_counts).
+    overlap it or the training data behind the checkpoint (checked as the test split is, by contamination_counts),
+    nor a general validation set train.py chose this model on: that one would flatter it.
     """
     paths = [Path(p.strip()) for p in s.GENERAL_TEST_PATH.split(",") if p.strip()]
     if not paths:
@@ -796,6 +798,7 @@ def read_general_sets(s: SimpleNamespace, test: pd.DataFrame, lineage: dict | No
     group_column = split_group_column(lineage) if lineage else None
     train_path = Path(lineage["data"]["train"]["path"]) if lineage else None  # contamination_report checked it
     train = read_split(train_path) if train_path else None
+    chosen_on = chosen_on_sets(lineage)
     general_sets, names = [], {}
     for path in paths:
         name = path.stem
@@ -810,6 +813,12 @@ def read_general_sets(s: SimpleNamespace, test: pd.DataFrame, lineage: dict | No
             raise InputError(
                 f"general set {path} is {same} the test split {test_path}; a general set holds questions from other "
                 "domains: set GENERAL_TEST_PATH to such a CSV"
+            )
+        if path.is_file() and sha256_of(path) in chosen_on:
+            raise InputError(
+                f"general set {path} is the general validation set train.py chose this model on (same sha256 as "
+                f"{chosen_on[sha256_of(path)]} in its lineage.json), so it would flatter the model; never score on a "
+                "set that was chosen on: set GENERAL_TEST_PATH to a held-out general set"
             )
         frame = read_split(path, "GENERAL_TEST_PATH")
         overlaps = {}
@@ -832,6 +841,14 @@ def read_general_sets(s: SimpleNamespace, test: pd.DataFrame, lineage: dict | No
              "contamination": overlaps}
         )  # fmt: skip
     return general_sets
+
+
+def chosen_on_sets(lineage: dict | None) -> dict[str, str]:
+    """sha256 -> path of each general validation set train.py chose this model on (lineage.json's general_guard)."""
+    guard = (lineage or {}).get("general_guard")
+    sets = guard.get("sets") if isinstance(guard, dict) else None
+    return {g["sha256"]: str(g.get("path")) for g in (sets if isinstance(sets, list) else [])
+            if isinstance(g, dict) and isinstance(g.get("sha256"), str)}  # fmt: skip
 
 
 def general_report(general_sets: list[dict], models: dict, s: SimpleNamespace) -> dict:

@@ -63,6 +63,8 @@ FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
 NO_DUPLICATE_BATCHES = True  # no two rows of one split group (same answer, question or GROUP_COLUMN value) in a batch
 MIX_WITH_BASE = False  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
 REQUIRE_VALIDATION_GAIN = True  # save no final model unless it beats the base model on validation (False: the recipe)
+GENERAL_VALIDATION_PATH = ""  # Q/A CSVs of other domains, comma-separated: keep a result that loses little on each
+MAX_GENERAL_DROP = 0.01  # ... at most this NDCG@10 below the base on each (eval.py's gate rule of the same name)
 RESUME = True  # continue a killed run from its last complete checkpoint; False = start fresh
 MINE_HARD_NEGATIVES = False  # add one mined hard negative per pair (base model, before training)
 HARD_NEGATIVE_MARGIN = 0.05  # a negative must score at least 5% below the positive (else likely a true answer)
@@ -75,13 +77,17 @@ LORA_LEARNING_RATE = 1e-4  # replaces LEARNING_RATE for LoRA: few fresh weights 
 MERGE_LORA = False  # also export the adapter merged into a full model, to OUTPUT_DIR/final/merged
 
 PRIMARY_METRIC = "validation_cosine_ndcg@10"
+GENERAL_METRIC = "general_cosine_ndcg@10"  # the same metric on a general validation set (its evaluator's name)
 MIX_WEIGHTS = (0.25, 0.5, 0.75)  # shares of fine-tuned weights tried between the base (0) and the best checkpoint (1)
-# Settings that change nothing about the optimisation itself: a run may resume when only these differ.
+# Settings that change nothing about the optimisation itself (the general guard only chooses after training): a run
+# may resume when only these differ.
 NOT_IN_RUN_FINGERPRINT = {
     "RESUME",
     "MERGE_LORA",
     "MIX_WITH_BASE",
     "REQUIRE_VALIDATION_GAIN",
+    "GENERAL_VALIDATION_PATH",
+    "MAX_GENERAL_DROP",
     "SAVE_TOTAL_LIMIT",
     "DATA_DIR",
     "TRAIN_PATH",
@@ -117,13 +123,20 @@ LIMITS = {
     "LORA_RANK": ">=1",
     "LORA_ALPHA": ">0",
     "LORA_LEARNING_RATE": ">0",
+    "MAX_GENERAL_DROP": "[0,1]",
 }
 CHECKS = [
     (
         ("NUM_TRAIN_EPOCHS", "MAX_STEPS"),
         lambda v: v["NUM_TRAIN_EPOCHS"] >= 1 or v["MAX_STEPS"] > 0,
         "with MAX_STEPS=0 (no step budget) NUM_TRAIN_EPOCHS must be at least 1, or the untrained model is saved",
-    )
+    ),
+    (
+        ("USE_LORA", "GENERAL_VALIDATION_PATH"),
+        lambda v: not (v["USE_LORA"] and v["GENERAL_VALIDATION_PATH"].strip()),
+        "the general guard chooses among mixes of the fine-tuned weights with the base's, which a LoRA run does not "
+        "make; train all weights (USE_LORA=false) or leave GENERAL_VALIDATION_PATH empty",
+    ),
 ]
 DERIVED_PATHS = {
     "TRAIN_PATH": ("DATA_DIR", "qa_training_set.csv"),
@@ -142,12 +155,13 @@ missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
 ALL_SETTINGS = frozenset(
     "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE "  # noqa: SIM905
     "CHECKPOINT_PATH CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
-    "GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE "
-    "LORA_ALPHA LORA_LEARNING_RATE LORA_RANK LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS "
-    "MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
+    "GENERAL_VALIDATION_PATH GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN "
+    "HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE LORA_ALPHA LORA_LEARNING_RATE LORA_RANK "
+    "LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS MERGE_LORA "
+    "MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
     "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
-    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA "
-    "VALIDATION_DISTRACTORS VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO "
+    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH "
+    "USE_LORA VALIDATION_DISTRACTORS VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO "
     "WEIGHT_DECAY".split()
 )  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
 LIBRARY_VARIABLES = (
@@ -470,10 +484,12 @@ def main() -> None:
         check_writable(output_dir)
         lock_folders([s.OUTPUT_DIR])  # a second run in this folder would move this one's live checkpoints aside
 
-    # 2. Data: the training and validation splits (the test split stays unopened for eval.py), and what each
-    #    evaluation scores: validation questions against their answers and distractors, seeded samples above the caps
+    # 2. Data: the training and validation splits (the test split stays unopened for eval.py); what each evaluation
+    #    scores (validation questions against their answers and distractors, seeded samples above the caps); the
+    #    general validation sets, refused when they share a row with either split
     train, validation, manifest = training_data(s, r.is_main)
     scored = scored_validation(s, train, validation, r.is_main)
+    general_sets = general_validation_sets(s, train, validation)
 
     # 3. Model, with the prompts it will carry into encode_query / encode_document, and the datasets
     model, train_dataset, validation_dataset, base_weights = model_and_datasets(s, train, scored.pairs, r.is_main)
@@ -499,8 +515,9 @@ def main() -> None:
     if not r.is_main:
         return
 
-    # 9. The result must beat the base model on validation: the best checkpoint or its best mix with the base
-    choice = chosen_result(s, trainer, model, base_weights, evaluator, checkpoints_dir)
+    # 9. The result must beat the base model on validation: the best checkpoint or its best mix with the base; with
+    #    general validation sets, the best of those that lose at most MAX_GENERAL_DROP on each
+    choice = chosen_result(s, trainer, model, (base_weights, evaluator, general_sets), checkpoints_dir)
 
     # 10. Save the chosen model atomically to OUTPUT_DIR/final, with lineage.json and the training curve
     data = data_lineage(s, manifest, Path(s.SPLIT_MANIFEST_PATH), fingerprint, len(train), len(validation))
@@ -601,7 +618,7 @@ def manifest_group_column(manifest: dict | None) -> str | None:
 
 def model_and_datasets(s: SimpleNamespace, train: pd.DataFrame, validation: pd.DataFrame, verbose: bool):
     """The model to train (with its prompts, a LoRA adapter if USE_LORA), the training and validation datasets, and
-    a copy of the base weights when MIX_WITH_BASE needs them (else None)."""
+    a copy of the base weights when MIX_WITH_BASE or the general guard needs them (else None)."""
     from datasets import Dataset
 
     model = load_model(s.MODEL_NAME)
@@ -612,7 +629,8 @@ def model_and_datasets(s: SimpleNamespace, train: pd.DataFrame, validation: pd.D
     )  # for the validation loss beside the training loss
     if s.MINE_HARD_NEGATIVES:
         train_dataset = mined_triplets(train_dataset, model, s, verbose=verbose)
-    base_weights = None if s.USE_LORA or not s.MIX_WITH_BASE else {k: v.clone() for k, v in model.state_dict().items()}
+    mixing = s.MIX_WITH_BASE or s.GENERAL_VALIDATION_PATH.strip()
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()} if mixing and not s.USE_LORA else None
     if s.USE_LORA:
         from peft import LoraConfig, TaskType
 
@@ -738,14 +756,30 @@ def finished_trainer(s: SimpleNamespace, r: SimpleNamespace, model, args, datase
     return trainer
 
 
-def chosen_result(s: SimpleNamespace, trainer, model, base_weights: dict | None, evaluator, checkpoints_dir: Path):
-    """The result loaded into `model`: the best checkpoint or its best mix with the base (best_mix_with_base), with
-    the best checkpoint's path and the base model's validation score. NoImprovement when REQUIRE_VALIDATION_GAIN and
-    it does not beat the base model."""
-    best = trainer.state.best_model_checkpoint
+def chosen_result(s: SimpleNamespace, trainer, model, judges: tuple, checkpoints_dir: Path):
+    """The result loaded into `model`: the best checkpoint or its best mix with the base (best_mix_with_base; with
+    general validation sets guarded_mix_with_base), with the best checkpoint's path and the base model's validation
+    score. NoImprovement when REQUIRE_VALIDATION_GAIN and it does not beat the base model, or when no candidate keeps
+    the general sets."""
+    base_weights, evaluator, general_sets = judges
+    best, best_score = trainer.state.best_model_checkpoint, trainer.state.best_metric
     base_score = validation_score_at_step(trainer.state.log_history, 0)
-    choice = best_mix_with_base(model, base_weights, evaluator, trainer.state.best_metric)
+    gain_bar = base_score if s.REQUIRE_VALIDATION_GAIN else None  # None: no bar (the recipe, or a resumed run)
+    if general_sets:
+        choice = guarded_mix_with_base(model, base_weights, evaluator, (best_score, gain_bar), general_sets, s)
+    else:
+        choice = best_mix_with_base(model, base_weights, evaluator, best_score)
     print(choice_line(base_score, best, choice))
+    if general_sets:
+        print(general_guard_block(choice["general_guard"]))
+    if choice["share"] is None:
+        mark_finished(checkpoints_dir, None)
+        raise NoImprovement(
+            f"result: no candidate kept general strength: neither the best checkpoint nor a mix of it with the base "
+            f"{'beat the base model on validation NDCG@10 and ' if gain_bar is not None else ''}lost at most "
+            f"MAX_GENERAL_DROP={s.MAX_GENERAL_DROP:g} on every general validation set; nothing was saved as the final "
+            f"model: keep using {s.MODEL_NAME}, or lower LEARNING_RATE or train fewer steps"
+        )
     if s.REQUIRE_VALIDATION_GAIN and base_score is not None and choice["score"] <= base_score:
         mark_finished(checkpoints_dir, None)
         raise NoImprovement(
@@ -778,6 +812,7 @@ def final_lineage(s: SimpleNamespace, r: SimpleNamespace, model, trainer, choice
         or best_validation_metrics(trainer.state.log_history, trainer.state.best_global_step),
         "base_validation": choice["base_score"],
         "mix_with_base": {"fine_tuned_share": choice["share"], "validation_scores": choice["tried"]},
+        "general_guard": choice.get("general_guard"),
         "lora": s.USE_LORA,
         "training": {
             "global_step": trainer.state.global_step,
@@ -847,6 +882,55 @@ def read_split(path: Path, kind: str) -> pd.DataFrame:
         raise InputError(f"{kind} split '{path}' row {row} has an empty Question or Answer; fix or drop that row")
     if frame.empty:
         raise InputError(f"{kind} split '{path}' has no rows; rerun `python split_data.py` on more data")
+    return frame
+
+
+def general_validation_sets(s: SimpleNamespace, train: pd.DataFrame, validation: pd.DataFrame) -> list[dict]:
+    """The general validation sets of GENERAL_VALIDATION_PATH (path, sha256, rows, frame). A general set stands for
+    what the model must not forget, so a row that shares a normalised question or an answer with the training or
+    validation split would let in-domain learning pass for general strength: such a set is refused."""
+    general_sets = []
+    for path in [Path(p.strip()) for p in s.GENERAL_VALIDATION_PATH.split(",") if p.strip()]:
+        frame = read_general_set(path)
+        questions = frame["Question"].map(normalised_question)
+        splits = (("training", s.TRAIN_PATH, train), ("validation", s.VALIDATION_PATH, validation))
+        for kind, split_path, split in splits:
+            shared_questions = questions.isin(set(split["Question"].map(normalised_question)))
+            shared_answers = frame["Answer"].isin(set(split["Answer"]))
+            if (shared_questions | shared_answers).any():
+                raise InputError(
+                    f"general validation set {path} overlaps the {kind} split {split_path}: "
+                    f"{int((shared_questions | shared_answers).sum())} of {len(frame)} rows share a normalised "
+                    f"question ({int(shared_questions.sum())}) or an answer ({int(shared_answers.sum())}) with it; a "
+                    "general set holds questions from other domains: remove those rows"
+                )
+        general_sets.append({"path": str(path), "sha256": sha256(path), "rows": len(frame), "frame": frame})
+    return general_sets
+
+
+def read_general_set(path: Path) -> pd.DataFrame:
+    """A general validation set read as eval.py reads its general sets: Question and Answer columns in any
+    capitalisation, no empty cells, UTF-8; each error says how to fix the file."""
+    if not path.is_file():
+        raise InputError(f"{path} not found; fix GENERAL_VALIDATION_PATH (comma-separated CSV paths)")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        detail = str(e).splitlines()[0]
+        fix = "save it as UTF-8 (Excel: CSV UTF-8)"
+        raise InputError(f"{path} is not a readable UTF-8 CSV ({detail}); {fix}") from None
+    frame = frame.rename(columns={c: c.capitalize() for c in frame.columns if c.lower() in ("question", "answer")})
+    for column in ("Question", "Answer"):
+        if column not in frame.columns:
+            raise InputError(
+                f"{path} has no {column} column (columns: {list(frame.columns)}); name the columns Question and "
+                "Answer in the first line"
+            )
+        empty = frame.index[frame[column].str.strip() == ""]
+        if len(empty):
+            raise InputError(f"{path} row {empty[0] + 2}: empty {column}; fill or delete such rows")
+    if frame.empty:
+        raise InputError(f"{path} has no rows; add rows or fix GENERAL_VALIDATION_PATH")
     return frame
 
 
@@ -1220,6 +1304,76 @@ def best_mix_with_base(model, base_weights: dict | None, evaluator, best_score: 
     return {"share": share, "score": tried[share], "tried": tried, "metrics": metrics.get(share)}
 
 
+def guarded_mix_with_base(model, base_weights: dict, evaluator, bars: tuple, general_sets: list[dict], s) -> dict:
+    """Load into `model` what the general guard keeps: of the best checkpoint (share 1.0) and its mixes with the base
+    (MIX_WEIGHTS), the one with the best validation NDCG@10 among those that beat the base there (`bars`: the best
+    checkpoint's score and the base's, None for no bar) and lose at most MAX_GENERAL_DROP on every general validation
+    set, each scored as its own corpus, the base (share 0) too. Returns best_mix_with_base's fields, share None when
+    no candidate qualifies, and the guard's record for lineage.json."""
+    best_score, gain_bar = bars
+    tuned = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    judges = [grouped_ir_evaluator(g["frame"], g["frame"]["Answer"], "general", s.QUERY_PROMPT, s.PASSAGE_PROMPT)
+              for g in general_sets]  # fmt: skip
+    tried, general, metrics = {1.0: best_score}, {}, {}
+    for share in (0.0, *MIX_WEIGHTS, 1.0):
+        model.load_state_dict(mixed_weights(base_weights, tuned, share))
+        if share in MIX_WEIGHTS:
+            metrics[share] = evaluator(model)
+            tried[share] = metrics[share][PRIMARY_METRIC]
+        general[share] = [judge(model)[GENERAL_METRIC] for judge in judges]
+    base_general = general.pop(0.0)
+    names = [Path(g["path"]).name for g in general_sets]
+    share, verdicts = guarded_share(tried, general, gain_bar, base_general, (names, s.MAX_GENERAL_DROP))
+    model.load_state_dict(mixed_weights(base_weights, tuned, 1.0 if share is None else share))
+    sets = [
+        {key: g[key] for key in ("path", "sha256", "rows")}
+        | {"base": base_general[i], "chosen": None if share is None else general[share][i],
+           "tried": {k: scores[i] for k, scores in sorted(general.items())}}
+        for i, g in enumerate(general_sets)
+    ]  # fmt: skip
+    guard = {"method": "mix_with_base", "fine_tuned_share": share, "max_general_drop": s.MAX_GENERAL_DROP,
+             "sets": sets, "verdicts": verdicts}  # fmt: skip
+    score = None if share is None else tried[share]
+    return {"share": share, "score": score, "tried": tried, "metrics": metrics.get(share), "general_guard": guard}
+
+
+def guarded_share(validation: dict, general: dict, gain_bar: float | None, base_general: list[float],
+                  limit: tuple[list[str], float]) -> tuple[float | None, dict]:  # fmt: skip
+    """The share of fine-tuned weights the general guard keeps (None: none qualifies) and each candidate's verdict in
+    words. `validation`: share -> in-domain validation NDCG@10; `general`: share -> NDCG@10 per general set, in the
+    order of `base_general` (the base's) and of the set names in `limit`, with MAX_GENERAL_DROP. Each rule is written
+    as "not (within its limit)", so a NaN score disqualifies."""
+    names, max_drop = limit
+    verdicts = {}
+    for share in sorted(validation, reverse=True):
+        drops = [base - score for base, score in zip(base_general, general[share], strict=True)]
+        worst = max(range(len(drops)), key=lambda i: (not drops[i] <= max_drop, drops[i]))
+        if gain_bar is not None and not validation[share] > gain_bar:
+            verdicts[share] = f"validation {validation[share]:.4f} does not beat the base's {gain_bar:.4f}"
+        elif not drops[worst] <= max_drop:
+            verdicts[share] = f"loses {drops[worst]:.4f} on {names[worst]}, more than MAX_GENERAL_DROP={max_drop:g}"
+        else:
+            verdicts[share] = "qualifies"
+    qualified = [share for share, verdict in verdicts.items() if verdict == "qualifies"]
+    return max(qualified, key=lambda k: (validation[k], k), default=None), verdicts
+
+
+def general_guard_block(guard: dict) -> str:
+    """The general guard's lines: base vs chosen per general set, each candidate's verdict, and what was kept."""
+    share, limit = guard["fine_tuned_share"], guard["max_general_drop"]
+    lines = [f"general guard (no general validation set may lose more than MAX_GENERAL_DROP={limit:g} NDCG@10):"]
+    for g in guard["sets"]:
+        kept = "nothing kept" if share is None else f"kept {g['chosen']:.4f} (Δ={g['chosen'] - g['base']:+.4f})"
+        lines.append(f"  {g['path']} ({g['rows']} rows): base {g['base']:.4f} | {kept}")
+    lines += [f"  share {k:g}: {verdict}" for k, verdict in guard["verdicts"].items()]
+    if share is not None:
+        lines.append(
+            f"kept share {share:g}: the best validation NDCG@10 of the candidates that beat the base there and keep "
+            "every general set within the limit"
+        )
+    return "\n".join(lines)
+
+
 def mixed_weights(base: dict, tuned: dict, share: float) -> dict:
     """base + share * (tuned - base) for every floating-point tensor; integer buffers are taken from `tuned`."""
     return {
@@ -1233,7 +1387,8 @@ def choice_line(base_score: float | None, best_checkpoint: str | None, choice: d
     base = "not evaluated (resumed run)" if base_score is None else f"{base_score:.4f}"
     line = f"validation NDCG@10: base {base} | best checkpoint {choice['tried'][1.0]:.4f} ({best_checkpoint})"
     if tried:
-        line += f" | mixed with the base (share of fine-tuned weights: score) {tried}; kept share {choice['share']:g}"
+        line += f" | mixed with the base (share of fine-tuned weights: score) {tried}"
+        line += "; kept none" if choice["share"] is None else f"; kept share {choice['share']:g}"
     return line
 
 

@@ -745,6 +745,11 @@ BAD_SETTINGS = {
     "train-warmup-ratio-1": ("train.py", {"WARMUP_RATIO": "1"}, "WARMUP_RATIO='1' (from the environment) is not a "
                                                                 "finite number from 0 to below 1"),
     "train-lora-rank-0": ("train.py", {"LORA_RANK": "0"}, "LORA_RANK='0'"),
+    "train-max-general-drop-2": ("train.py", {"MAX_GENERAL_DROP": "2"}, "MAX_GENERAL_DROP='2' (from the environment) "
+                                                                        "is not a finite number from 0 to 1"),
+    "train-lora-with-general-guard": ("train.py", {"USE_LORA": "true", "GENERAL_VALIDATION_PATH": "general.csv"},
+                                      "USE_LORA=True and GENERAL_VALIDATION_PATH='general.csv' do not go together: "
+                                      "the general guard chooses among mixes"),
     "train-same-split-twice": ("train.py", {"VALIDATION_PATH": "data/./qa_training_set.csv"},
                                "TRAIN_PATH='data/qa_training_set.csv' and VALIDATION_PATH='data/./qa_training_set.csv' "
                                "are the same file"),

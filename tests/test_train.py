@@ -665,3 +665,153 @@ def test_dataloader_defaults_and_grouped_batches_from_worker_processes(tiny_mode
     assert loader.num_workers == 2
     sizes = [len(batch["anchor_input_ids"]) for batch in loader]
     assert sum(sizes) == len(frame) and max(sizes) <= 8  # every row once, in batches of at most BATCH_SIZE
+
+
+# --- the general guard (issue 13): a general validation set, and the candidate that keeps it ---------------------
+
+GENERAL_ROWS = [
+    ("What is the capital of France?", "Paris is the capital of France and its largest city.", "en"),
+    ("Wie lang ist der Rhein?", "Der Rhein ist etwa 1.230 Kilometer lang.", "de"),
+    ("How tall is Mount Everest?", "Mount Everest is 8,849 metres tall, the highest mountain on Earth.", "en"),
+    ("Wann wurde Goethe geboren?", "Goethe wurde am 28. August 1749 in Frankfurt geboren.", "de"),
+    ("When did the Berlin Wall fall?", "The Berlin Wall fell on 9 November 1989.", "en"),
+    ("Was ist die Hauptstadt von Italien?", "Rom ist die Hauptstadt von Italien.", "de"),
+]
+
+
+def write_general_set(path: Path, rows=GENERAL_ROWS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["question", "Answer", "language"]).to_csv(path, index=False)  # any capitalisation
+    return path
+
+
+def test_guarded_share_keeps_the_best_validation_score_within_the_general_limit():
+    names, limit = (["geo.csv", "news.csv"], 0.01)
+    base_general = [0.90, 0.80]
+    validation = {1.0: 0.70, 0.75: 0.69, 0.5: 0.66, 0.25: 0.62}
+    general = {1.0: [0.85, 0.81], 0.75: [0.889, 0.80], 0.5: [0.895, 0.795], 0.25: [0.90, 0.80]}
+    share, verdicts = train.guarded_share(validation, general, 0.60, base_general, (names, limit))
+    # The best checkpoint leads on validation but loses 0.05 on geo.csv; 0.75 loses 0.011: just over the limit.
+    assert share == 0.5
+    assert verdicts[1.0] == "loses 0.0500 on geo.csv, more than MAX_GENERAL_DROP=0.01"
+    assert verdicts[0.75].startswith("loses 0.0110 on geo.csv")
+    assert verdicts[0.5] == verdicts[0.25] == "qualifies"
+    # A candidate must also beat the base on validation; a NaN score never qualifies.
+    share, verdicts = train.guarded_share(validation, general, 0.68, base_general, (names, limit))
+    assert share is None and verdicts[0.5] == "validation 0.6600 does not beat the base's 0.6800"
+    nan = {**general, 0.5: [float("nan"), 0.80], 0.25: [0.90, float("nan")]}
+    assert train.guarded_share(validation, nan, 0.60, base_general, (names, limit))[0] is None
+    # Without a bar (REQUIRE_VALIDATION_GAIN=false) and with a loose limit, the best validation score wins.
+    assert train.guarded_share(validation, general, None, base_general, (names, 0.1))[0] == 1.0
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, tmp_path_factory):
+    """A run with a general validation set and a limit every candidate keeps: the guard scores them all."""
+    folder = tmp_path_factory.mktemp("guarded")
+    write_splits(folder)
+    write_general_set(folder / "general" / "geo.csv")
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST}
+    env |= {"GENERAL_VALIDATION_PATH": "general/geo.csv", "MAX_GENERAL_DROP": "1"}
+    result = run_script("train.py", folder, env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return folder, result
+
+
+def test_the_guard_scores_every_candidate_and_lineage_records_the_choice(guarded):
+    folder, result = guarded
+    lineage = json.loads((folder / "output" / "final" / "lineage.json").read_text())
+    guard = lineage["general_guard"]
+    share = guard["fine_tuned_share"]
+    assert guard["method"] == "mix_with_base" and guard["max_general_drop"] == 1.0
+    assert lineage["mix_with_base"]["fine_tuned_share"] == share
+    validation = lineage["mix_with_base"]["validation_scores"]
+    assert set(validation) == {"0.25", "0.5", "0.75", "1.0"}
+    assert validation[str(share)] == max(validation.values())  # every candidate qualifies: the best validation wins
+    (recorded,) = guard["sets"]
+    assert recorded["path"] == "general/geo.csv" and recorded["rows"] == 6
+    assert recorded["sha256"] == train.sha256(folder / "general" / "geo.csv")
+    assert set(recorded["tried"]) == {"0.25", "0.5", "0.75", "1.0"}
+    assert recorded["chosen"] == recorded["tried"][str(share)] and 0 < recorded["base"] <= 1
+    lines = stdout_lines(result)
+    start = lines.index("general guard (no general validation set may lose more than MAX_GENERAL_DROP=1 NDCG@10):")
+    assert lines[start + 1] == (
+        f"  general/geo.csv (6 rows): base {recorded['base']:.4f} | kept {recorded['chosen']:.4f} "
+        f"(Δ={recorded['chosen'] - recorded['base']:+.4f})"
+    )
+    assert lines[start + 2 : start + 6] == [f"  share {k}: qualifies" for k in ("1", "0.75", "0.5", "0.25")]
+    assert lines[start + 6].startswith(f"kept share {share:g}: the best validation NDCG@10 of the candidates")
+
+
+@pytest.mark.parametrize("damage", ["missing file", "missing column", "bad encoding", "overlaps training"])
+def test_a_general_validation_set_that_cannot_be_used_is_one_error_line_and_exit_2(tmp_path, damage):
+    data = write_splits(tmp_path)
+    path = write_general_set(tmp_path / "general" / "geo.csv")
+    if damage == "missing column":
+        path.write_text(path.read_text(encoding="utf-8").replace("question,", "Frage,", 1), encoding="utf-8")
+    elif damage == "bad encoding":  # Excel's cp1252: "größte" is not UTF-8
+        path.write_bytes(path.read_text(encoding="utf-8").replace("Rhein", "Rhein größte").encode("cp1252"))
+    elif damage == "overlaps training":  # a paraphrase of a training question (case, punctuation) and a training answer
+        training = pd.read_csv(data / "qa_training_set.csv")
+        rows = [(training["Question"][0].upper().rstrip("?"), "Another answer.", "en"),
+                ("Another question?", training["Answer"][1], "en")]  # fmt: skip
+        write_general_set(path, GENERAL_ROWS + rows)
+    general = "general/nope.csv" if damage == "missing file" else "general/geo.csv"
+    # The model is never loaded: the general set is refused before anything slow.
+    result = run_script("train.py", tmp_path, {"MODEL_NAME": "/no/such/model", "GENERAL_VALIDATION_PATH": general})
+    expected = {
+        "missing file": r"error: general/nope\.csv not found; fix GENERAL_VALIDATION_PATH \(comma-separated CSV "
+        r"paths\)",
+        "missing column": r"error: general/geo\.csv has no Question column \(columns: \['Frage', 'Answer', "
+        r"'language'\]\); name the columns Question and Answer in the first line",
+        "bad encoding": r"error: general/geo\.csv is not a readable UTF-8 CSV \('utf-8' codec can't decode byte 0xf6 "
+        r"in position \d+: invalid start byte\); save it as UTF-8 \(Excel: CSV UTF-8\)",
+        "overlaps training": r"error: general validation set general/geo\.csv overlaps the training split "
+        r"data/qa_training_set\.csv: 2 of 8 rows share a normalised question \(1\) or an answer \(1\) with it; a "
+        r"general set holds questions from other domains: remove those rows",
+    }[damage]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert re.fullmatch(expected, line), line
+    assert not (tmp_path / "output" / "checkpoints").exists()
+
+
+def test_a_run_whose_every_candidate_fails_the_guard_saves_nothing_and_says_so(trained, tmp_path):
+    # As in the run that only gets worse: a learning rate of 1 wrecks a base that starts far above chance, so no
+    # candidate beats it on validation, and the guard keeps none.
+    base = trained[0] / "output" / "final"
+    data = write_splits(tmp_path)
+    shutil.copy(data / "qa_training_set.csv", data / "qa_validation_set.csv")
+    write_general_set(tmp_path / "general" / "geo.csv")
+    env = {"MODEL_NAME": str(base), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST, "LEARNING_RATE": "1"}
+    env |= {"REQUIRE_VALIDATION_GAIN": "true", "GENERAL_VALIDATION_PATH": "general/geo.csv"}
+    result = run_script("train.py", tmp_path, env)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = stdout_lines(result)
+    assert lines[-1].startswith(
+        "result: no candidate kept general strength: neither the best checkpoint nor a mix of it with the base beat "
+        "the base model on validation NDCG@10 and lost at most MAX_GENERAL_DROP=0.01 on every general validation set; "
+        "nothing was saved as the final model"
+    )
+    assert "  share 1: validation " in result.stdout and "does not beat the base's" in result.stdout
+    assert any(line.startswith("  general/geo.csv (6 rows): base ") and line.endswith("nothing kept") for line in lines)
+    assert not (tmp_path / "output" / "final").exists()
+    assert json.loads((tmp_path / "output" / "checkpoints" / "run.json").read_text())["finished_at"]
+
+
+def test_eval_refuses_a_general_test_set_the_model_was_chosen_on(guarded):
+    folder, _ = guarded
+    frame = small_qa_frame(copies=5)
+    frame[frame.index >= 48].to_csv(folder / "data" / "qa_test_set.csv", index=False)  # the 5th paraphrases only
+    manifest = folder / "data" / "split_manifest.json"  # eval.py reads the split's GROUP_COLUMN from it
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"settings": {"GROUP_COLUMN": ""}}))
+    shutil.copy(folder / "general" / "geo.csv", folder / "general" / "geo-copy.csv")
+    for general in ("general/geo.csv", "general/geo-copy.csv"):  # the file itself, or a copy under another name
+        result = run_script("eval.py", folder, {"GENERAL_TEST_PATH": general, "BOOTSTRAP_RESAMPLES": "10"})
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            f"error: general set {general} is the general validation set train.py chose this model on (same sha256 "
+            "as general/geo.csv in its lineage.json), so it would flatter the model; never score on a set that was "
+            "chosen on: set GENERAL_TEST_PATH to a held-out general set"
+        ]
+        assert "general[" not in result.stdout

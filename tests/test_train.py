@@ -517,7 +517,7 @@ def test_the_group_helpers_are_split_data_copies():
     spec = importlib.util.spec_from_file_location("split_data", REPO / "split_data.py")
     split_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(split_data)
-    for name in ("punctuation_pattern", "normalised_question", "group_ids"):
+    for name in ("punctuation_table", "normalised_question", "group_ids"):
         assert inspect.getsource(getattr(train, name)) == inspect.getsource(getattr(split_data, name)), name
     eval_spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
     eval_script = importlib.util.module_from_spec(eval_spec)

@@ -26,6 +26,7 @@ import sys
 import time
 import tokenize
 import unicodedata
+from collections import deque
 from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +62,7 @@ VALIDATION_DISTRACTORS = 1500  # other answers (training, other validation) sear
 SEED = 42  # seeds the shuffling, the initialisation of new weights and dropout
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
 NO_DUPLICATE_BATCHES = True  # no two rows of one split group (same answer, question or GROUP_COLUMN value) in a batch
+NEIGHBOUR_ROWS = 0  # > 0: each random row brings N rows whose answers the base model confuses with its own
 MIX_WITH_BASE = False  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
 REQUIRE_VALIDATION_GAIN = True  # save no final model unless it beats the base model on validation (False: the recipe)
 GENERAL_VALIDATION_PATH = ""  # Q/A CSVs of other domains, comma-separated: keep a result that loses little on each
@@ -78,6 +80,7 @@ MERGE_LORA = False  # also export the adapter merged into a full model, to OUTPU
 
 PRIMARY_METRIC = "validation_cosine_ndcg@10"
 GENERAL_METRIC = "general_cosine_ndcg@10"  # the same metric on a general validation set (its evaluator's name)
+NEIGHBOUR_CANDIDATES = 32  # confusable answers kept per training row for the neighbour batches
 MIX_WEIGHTS = (0.25, 0.5, 0.75)  # shares of fine-tuned weights tried between the base (0) and the best checkpoint (1)
 # Settings that change nothing about the optimisation itself (the general guard only chooses after training): a run
 # may resume when only these differ.
@@ -120,12 +123,18 @@ LIMITS = {
     "HARD_NEGATIVE_MARGIN": "[0,1)",
     "HARD_NEGATIVE_MAX_SCORE": "(0,1]",
     "CACHED_MINI_BATCH_SIZE": ">=0",
+    "NEIGHBOUR_ROWS": ">=0",
     "LORA_RANK": ">=1",
     "LORA_ALPHA": ">0",
     "LORA_LEARNING_RATE": ">0",
     "MAX_GENERAL_DROP": "[0,1]",
 }
 CHECKS = [
+    (
+        ("NEIGHBOUR_ROWS", "NO_DUPLICATE_BATCHES"),
+        lambda v: v["NEIGHBOUR_ROWS"] == 0 or v["NO_DUPLICATE_BATCHES"],
+        "neighbour batches build on the grouped batches: set NO_DUPLICATE_BATCHES=true or NEIGHBOUR_ROWS=0",
+    ),
     (
         ("NUM_TRAIN_EPOCHS", "MAX_STEPS"),
         lambda v: v["NUM_TRAIN_EPOCHS"] >= 1 or v["MAX_STEPS"] > 0,
@@ -153,16 +162,15 @@ missing_markers = {"nan", "na", "n/a", "#n/a", "<na>", "null"}
 # --help and locks the output folder. It is copied on purpose, since the scripts share nothing but files on disk:
 # tests/test_hostile.py fails when the three copies differ, so edit one and copy it to the other two.
 ALL_SETTINGS = frozenset(
-    "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE "  # noqa: SIM905
-    "CHECKPOINT_PATH CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
-    "GENERAL_VALIDATION_PATH GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN "
-    "HARD_NEGATIVE_MAX_SCORE LANGUAGE_COLUMN LEARNING_RATE LORA_ALPHA LORA_LEARNING_RATE LORA_RANK "
-    "LOSS_SCALE MAX_CONTAMINATION MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS MERGE_LORA "
-    "MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE MODEL_NAME NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS "
-    "OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME "
-    "SAVE_TOTAL_LIMIT SCRUB_PII SEED SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH "
-    "USE_LORA VALIDATION_DISTRACTORS VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO "
-    "WEIGHT_DECAY".split()
+    "BASE_MODEL_NAME BATCH_SIZE BOOTSTRAP_RESAMPLES BOOTSTRAP_SEED CACHED_MINI_BATCH_SIZE CHECKPOINT_PATH "  # noqa: SIM905
+    "CORPUS_SCOPE DATA_DIR DATA_PATH EARLY_STOPPING_PATIENCE EVAL_STEPS FP16 GENERAL_TEST_PATH "
+    "GENERAL_VALIDATION_PATH GROUP_COLUMN GROUP_IDENTICAL_ANSWERS HARD_NEGATIVE_MARGIN HARD_NEGATIVE_MAX_SCORE "
+    "LANGUAGE_COLUMN LEARNING_RATE LORA_ALPHA LORA_LEARNING_RATE LORA_RANK LOSS_SCALE MAX_CONTAMINATION "
+    "MAX_GENERAL_DROP MAX_LANGUAGE_DROP MAX_STEPS MERGE_LORA MINE_HARD_NEGATIVES MIN_IMPROVEMENT MIX_WITH_BASE "
+    "MODEL_NAME NEIGHBOUR_ROWS NO_DUPLICATE_BATCHES NUM_TRAIN_EPOCHS OUTPUT_DIR PASSAGE_PROMPT PRIMARY_METRIC "
+    "QUERY_PROMPT REPORT_METRICS REQUIRE_VALIDATION_GAIN RESUME SAVE_TOTAL_LIMIT SCRUB_PII SEED "
+    "SPLIT_MANIFEST_PATH SYMMETRIC_LOSS TEST_FRACTION TEST_PATH TRAIN_PATH USE_LORA VALIDATION_DISTRACTORS "
+    "VALIDATION_FRACTION VALIDATION_MAX_QUERIES VALIDATION_PATH WARMUP_RATIO WEIGHT_DECAY".split()
 )  # the settings of all three scripts, which one .env serves: any other name in it is likely a typo
 LIBRARY_VARIABLES = (
     "WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TOKENIZERS_", "DATASETS_",
@@ -501,9 +509,12 @@ def main() -> None:
     # 5. Steps: evaluate (and checkpoint) at least once per epoch, even when an epoch is shorter than EVAL_STEPS
     r.total_steps, eval_steps = step_budget(s, len(train_dataset), r.world_size, r.is_main)
 
-    # 6. Training arguments, with batches that keep split groups apart
+    # 6. Training arguments, with batches that keep split groups apart (and with NEIGHBOUR_ROWS bring confusable rows
+    #    together, found by the base model)
     group_of_question = group_values_by_question([train, validation], manifest_group_column(manifest))
-    args = training_arguments(s, r, checkpoints_dir, eval_steps, group_of_question, train_dataset.column_names)
+    neighbours = confusable_neighbours(model, train_dataset, group_of_question, s, r.is_main)
+    batch_plan = (group_of_question, neighbours)
+    args = training_arguments(s, r, checkpoints_dir, eval_steps, batch_plan, train_dataset.column_names)
 
     # 7. Resume or start fresh; the main process arranges the checkpoint folder first, the others then read it
     fingerprint = run_fingerprint(s, r.world_size)
@@ -669,7 +680,7 @@ def step_budget(s: SimpleNamespace, train_rows: int, world_size: int, verbose: b
 
 
 def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: Path, eval_steps: int,
-                       group_of_question: dict[str, str], columns: list[str]):  # fmt: skip
+                       batch_plan: tuple, columns: list[str]):  # fmt: skip
     """The trainer's arguments: the settings, the device, the grouped batches and the checkpoint schedule."""
     from sentence_transformers.sentence_transformer.training_args import (
         BatchSamplers,
@@ -690,7 +701,7 @@ def training_arguments(s: SimpleNamespace, r: SimpleNamespace, checkpoints_dir: 
         use_cpu=not r.cuda,  # without it, torchrun on CPUs would train separate, unsynchronised models
         ddp_backend="gloo" if r.world_size > 1 and not r.cuda else None,
         batch_sampler=(
-            partial(grouped_batch_sampler, group_of_question=group_of_question)
+            partial(grouped_batch_sampler, group_of_question=batch_plan[0], neighbours=batch_plan[1])
             if s.NO_DUPLICATE_BATCHES
             else BatchSamplers.BATCH_SAMPLER
         ),
@@ -1033,13 +1044,110 @@ def batch_groups(dataset, group_of_question: dict[str, str]) -> list[str]:
     return [f"\x1fsplit group {group}" for group in groups]
 
 
-def grouped_batch_sampler(dataset, group_of_question: dict[str, str], **sampler_options):
+def grouped_batch_sampler(dataset, group_of_question: dict[str, str], neighbours=None, **sampler_options):
     """sentence-transformers' NoDuplicatesBatchSampler over the rows plus their split group: no value, and so no
-    group, appears twice in a batch, and the first pass over the shuffled rows still yields every row once."""
+    group, appears twice in a batch, and the first pass over the shuffled rows still yields every row once. For the
+    training rows with `neighbours` (confusable_neighbours), the NeighbourBatchSampler's batches instead."""
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
     groups = batch_groups(dataset, group_of_question)
+    if neighbours is not None and neighbours.anchors == dataset["anchor"]:
+        sampler = neighbour_batch_sampler_class()
+        group_numbers = pd.factorize(pd.Series(groups))[0]
+        return sampler(dataset, group_numbers, neighbours.rows, neighbours.per_row, **sampler_options)
     return NoDuplicatesBatchSampler(dataset.add_column("split_group", groups), **sampler_options)
+
+
+def confusable_neighbours(model, dataset, group_of_question: dict[str, str], s: SimpleNamespace, verbose: bool):
+    """For each training row, up to NEIGHBOUR_CANDIDATES other rows, best first, whose answers the base model scores
+    highest for the row's question: the in-batch negatives that teach most. Rows of the same split group never count,
+    nor answers the base scores above the row's own (more likely a second right answer than a wrong one). Computed
+    before training from the base model alone, so a resumed run or another torchrun rank finds the same. None when
+    NEIGHBOUR_ROWS is 0."""
+    if not s.NEIGHBOUR_ROWS:
+        return None
+    import torch
+
+    started = time.perf_counter()
+    anchors, positives = dataset["anchor"], dataset["positive"]
+    answers = list(dict.fromkeys(positives))
+    index = {a: i for i, a in enumerate(answers)}
+    answer_of_row = torch.as_tensor([index[p] for p in positives])
+    options = {"batch_size": s.BATCH_SIZE, "convert_to_tensor": True, "normalize_embeddings": True}
+    questions = model.encode_query(anchors, **options)
+    documents = model.encode_document(answers, **options)[answer_of_row]
+    group_numbers = pd.factorize(pd.Series(batch_groups(dataset, group_of_question)))[0]
+    groups = torch.as_tensor(group_numbers, device=questions.device)
+    k = min(NEIGHBOUR_CANDIDATES, len(anchors) - 1)
+    rows = []
+    for start in range(0, len(anchors), 512):
+        scores = questions[start : start + 512] @ documents.T
+        own = (questions[start : start + 512] * documents[start : start + 512]).sum(dim=1, keepdim=True)
+        scores[(groups[start : start + 512, None] == groups[None, :]) | (scores > own)] = -torch.inf
+        best = scores.topk(k, dim=1)
+        rows.append(torch.where(best.values > -torch.inf, best.indices, -1).cpu())
+    if verbose:
+        print(
+            f"neighbour batches: each random row brings up to {s.NEIGHBOUR_ROWS} of the {k} answers the base model "
+            f"confuses most with its own ({time.perf_counter() - started:.0f} s)"
+        )
+    return SimpleNamespace(anchors=anchors, rows=torch.cat(rows).numpy(), per_row=s.NEIGHBOUR_ROWS)
+
+
+@cache
+def neighbour_batch_sampler_class():
+    """NeighbourBatchSampler, built on first use: sentence-transformers loads slowly, after the settings are read."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    class NeighbourBatchSampler(DefaultBatchSampler):
+        """Batches of neighbourhoods: the next row of a seeded shuffle and up to `per_row` of its confusable
+        neighbours not yet used this epoch, then the next row, until the batch is full. No split group twice in a
+        batch; every row once per epoch (a row whose group is already in the batch waits for the next one)."""
+
+        def __init__(self, dataset, groups, neighbours, per_row, batch_size, drop_last, valid_label_columns=None,
+                     generator=None, seed=0):  # fmt: skip
+            super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+            self.groups, self.neighbours, self.per_row = groups, neighbours, per_row
+
+        def __iter__(self):
+            import torch
+
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            waiting = deque(torch.randperm(len(self.groups), generator=generator).tolist())
+            used = np.zeros(len(self.groups), dtype=bool)
+            while waiting:
+                batch, taken, skipped = [], set(), []
+                while waiting and len(batch) < self.batch_size:
+                    row = waiting.popleft()
+                    if used[row] or self.groups[row] in taken:
+                        skipped += [] if used[row] else [row]
+                        continue
+                    room = min(self.per_row, self.batch_size - len(batch) - 1)
+                    for i in [row, *self.free_neighbours(row, used, taken, room)]:
+                        used[i] = True
+                        taken.add(self.groups[i])
+                        batch.append(i)
+                waiting.extendleft(reversed(skipped))
+                if batch and (len(batch) == self.batch_size or not self.drop_last):
+                    yield batch
+
+        def free_neighbours(self, row: int, used: np.ndarray, taken: set, room: int) -> list[int]:
+            """Up to `room` of the row's neighbours, best first, unused and of groups new to the batch."""
+            found, groups = [], {self.groups[row]}
+            for neighbour in self.neighbours[row]:
+                if len(found) == room:
+                    break
+                group = self.groups[neighbour]
+                if neighbour >= 0 and not used[neighbour] and group not in taken and group not in groups:
+                    found.append(int(neighbour))
+                    groups.add(group)
+            return found
+
+        def __len__(self):
+            rows = len(self.groups)
+            return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    return NeighbourBatchSampler
 
 
 @cache

@@ -68,6 +68,7 @@ RECIPE_TRAINING = {
     "LOSS_SCALE": "20",
     "SYMMETRIC_LOSS": "false",
     "NO_DUPLICATE_BATCHES": "false",
+    "NEIGHBOUR_ROWS": "0",
     "MIX_WITH_BASE": "false",
     "REQUIRE_VALIDATION_GAIN": "false",
     "MINE_HARD_NEGATIVES": "false",

@@ -494,6 +494,89 @@ def test_grouped_batches_never_hold_two_rows_of_one_group_and_use_every_row_once
     assert any(len({groups[i] for i in batch}) < len(batch) for batches, groups in plain for batch in batches)
 
 
+def test_confusable_neighbours_rank_wrong_answers_by_the_base_scores_leaving_out_groups_and_likely_right_ones():
+    import torch
+    from datasets import Dataset
+
+    # Question i scores answer j at scores[i][j] (its own answer on the diagonal). q0 and q4 share an id.
+    scores = [
+        [0.50, 0.90, 0.40, 0.30, 0.45],  # a1 beats q0's own answer: more likely right than wrong, left out
+        [0.10, 0.60, 0.20, 0.50, 0.30],
+        [0.30, 0.20, 0.70, 0.10, 0.60],
+        [0.20, 0.40, 0.10, 0.80, 0.30],
+        [0.60, 0.10, 0.20, 0.30, 0.70],
+    ]
+    questions = {f"q{i}": torch.tensor(row) / torch.tensor(row).norm() for i, row in enumerate(scores)}
+    answers = {f"a{i}": torch.eye(5)[i] for i in range(5)}
+    base = SimpleNamespace(
+        encode_query=lambda texts, **_: torch.stack([questions[text] for text in texts]),
+        encode_document=lambda texts, **_: torch.stack([answers[text] for text in texts]),
+    )
+    dataset = Dataset.from_dict({"anchor": list(questions), "positive": list(answers)})
+    s = SimpleNamespace(NEIGHBOUR_ROWS=2, NO_DUPLICATE_BATCHES=True, BATCH_SIZE=8)
+    neighbours = train.confusable_neighbours(base, dataset, {"q0": "id7", "q4": "id7"}, s, verbose=False)
+    assert neighbours.per_row == 2 and neighbours.anchors == list(questions)
+    assert [[int(j) for j in row if j >= 0] for row in neighbours.rows] == [
+        [2, 3],  # not 4 (q0's translation's row), not 1 (scored above a0)
+        [3, 4, 2, 0],
+        [4, 0, 1, 3],
+        [1, 4, 0, 2],
+        [3, 2, 1],  # not 0
+    ]
+    off = SimpleNamespace(**vars(s) | {"NEIGHBOUR_ROWS": 0})
+    assert train.confusable_neighbours(base, dataset, {}, off, verbose=False) is None
+
+
+def test_neighbour_batches_put_each_row_with_its_neighbours_and_still_use_every_row_once():
+    import numpy as np
+    import torch
+    from datasets import Dataset
+
+    frame = translation_pairs(40)
+    dataset = Dataset.from_dict({"anchor": list(frame["Question"]), "positive": list(frame["Answer"])})
+    group_of_question = train.group_values_by_question([frame], "id")
+    groups = train.batch_groups(dataset, group_of_question)
+    rows = len(frame)
+    ring = np.array([[(i + 5 * k) % rows for k in range(1, 4)] for i in range(rows)])  # row i's confusable rows
+    neighbours = SimpleNamespace(anchors=dataset["anchor"], rows=ring, per_row=3)
+    options = {"batch_size": 8, "drop_last": False, "generator": torch.Generator(), "seed": 3}
+
+    def linked(batches) -> float:
+        """The share of rows that sit in a batch with one of their neighbours or a row they are a neighbour of."""
+        return np.mean([any(j in ring[i] or i in ring[j] for j in batch if j != i) for batch in batches for i in batch])
+
+    sampler = train.grouped_batch_sampler(dataset, group_of_question, neighbours, **options)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert batches == list(sampler)  # seeded by SEED and the epoch alone: a resumed run gets the same batches
+        for batch in batches:
+            assert len(batch) <= 8 and len({groups[i] for i in batch}) == len(batch), f"a group twice in {batch}"
+        assert sorted(i for batch in batches for i in batch) == list(range(rows))  # each row exactly once
+        assert linked(batches) > 0.75  # 0.81 to 0.87 here
+    plain = train.grouped_batch_sampler(dataset, group_of_question, None, **options)
+    assert linked(list(plain)) < 0.65  # random batches: by chance only (0.51 here)
+    # Any other dataset (the validation loss's) gets the plain grouped batches.
+    other = Dataset.from_dict({"anchor": [q + "?" for q in frame["Question"]], "positive": list(frame["Answer"])})
+    assert type(train.grouped_batch_sampler(other, {}, neighbours, **options)).__name__ == "NoDuplicatesBatchSampler"
+
+
+def test_a_run_with_neighbour_batches_trains_every_step_and_needs_grouped_batches(tiny_model, tmp_path):
+    write_splits(tmp_path)
+    env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", "NEIGHBOUR_ROWS": "1", **FAST}
+    result = run_script("train.py", tmp_path, env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    printed = "neighbour batches: each random row brings up to 1 of the "
+    assert any(line.startswith(printed) for line in stdout_lines(result))
+    assert final_step(tmp_path / "output") == 10  # 40 pairs in batches of 4
+    result = run_script("train.py", tmp_path, env | {"NO_DUPLICATE_BATCHES": "false"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: NEIGHBOUR_ROWS=1 and NO_DUPLICATE_BATCHES=False do not go together: neighbour batches build on the "
+        "grouped batches: set NO_DUPLICATE_BATCHES=true or NEIGHBOUR_ROWS=0; change them in .env or the environment"
+    ]
+
+
 def test_a_run_that_only_gets_worse_saves_nothing_and_says_so(trained, tmp_path):
     # The base is the end-to-end run's fine-tuned model, validated on the pairs it was trained on, so it starts far
     # above chance; a learning rate of 1 wrecks it.
@@ -651,7 +734,8 @@ def test_dataloader_defaults_and_grouped_batches_from_worker_processes(tiny_mode
     s = SimpleNamespace(**train.setting_defaults() | {"BATCH_SIZE": 8, "MODEL_NAME": str(tiny_model)})
     r = SimpleNamespace(fp16=False, cuda=False, world_size=1, tracking="none", started_at="now")
     group_of_question = train.group_values_by_question([frame], "id")
-    args = train.training_arguments(s, r, tmp_path / "checkpoints", 10, group_of_question, dataset.column_names)
+    batch_plan = (group_of_question, None)  # no neighbour batches
+    args = train.training_arguments(s, r, tmp_path / "checkpoints", 10, batch_plan, dataset.column_names)
     args.dataloader_num_workers = 2
     model = SentenceTransformer(str(tiny_model))
     trainer = SentenceTransformerTrainer(

@@ -1119,8 +1119,10 @@ def neighbour_batch_sampler_class():
                 batch, taken, skipped = [], set(), []
                 while waiting and len(batch) < self.batch_size:
                     row = waiting.popleft()
-                    if used[row] or self.groups[row] in taken:
-                        skipped += [] if used[row] else [row]
+                    if used[row]:
+                        continue
+                    if self.groups[row] in taken:
+                        skipped.append(row)
                         continue
                     room = min(self.per_row, self.batch_size - len(batch) - 1)
                     for i in [row, *self.free_neighbours(row, used, taken, room)]:

@@ -367,7 +367,8 @@ def test_mixed_weights_move_floats_part_of_the_way_and_keep_integer_buffers():
     assert mixed["position_ids"].dtype == torch.int64 and torch.equal(mixed["position_ids"], tuned["position_ids"])
 
 
-def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
+@pytest.mark.parametrize("neighbour_rows", ["0", "1"])  # grouped batches, and neighbour batches built on each rank
+def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path, neighbour_rows):
     write_splits(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(
@@ -377,6 +378,7 @@ def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
             "MODEL_NAME": str(tiny_model),
             "BATCH_SIZE": "4",
             "NUM_TRAIN_EPOCHS": "2",
+            "NEIGHBOUR_ROWS": neighbour_rows,
             **FAST,
         }
     )
@@ -392,13 +394,18 @@ def test_torchrun_two_cpu_processes_train_one_model(tiny_model, tmp_path):
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # 40 pairs in batches of 4 = 10 batches per epoch, shared by 2 ranks: 5 steps per epoch, not 10.
-    assert "rank 0 of 2: finished training at step 10" in result.stdout
-    assert "rank 1 of 2: finished training at step 10" in result.stdout
+    # 40 pairs in batches of 4 = 10 batches per epoch, shared by 2 ranks: 5 steps per epoch, not 10. The 40 pairs
+    # are 10 groups of 4 (shared answers): the neighbour batches leave an epoch's last rows in short batches, which
+    # accelerate drops under torchrun so that every rank gets a full batch (both ranks still take the same steps).
+    steps = {re.search(r"rank (\d) of 2: finished training at step (\d+)", line).groups()
+             for line in stdout_lines(result) if "finished training at step" in line}  # fmt: skip
+    ranks, done = zip(*sorted(steps), strict=True)
+    assert ranks == ("0", "1") and len(set(done)) == 1  # one step count: the ranks trained in step
+    assert int(done[0]) == 10 if neighbour_rows == "0" else 8 <= int(done[0]) <= 10  # 8 here
     assert result.stdout.count("final model saved to") == 1
     output = tmp_path / "output"
     assert [p.name for p in output.iterdir() if p.name.startswith("final")] == ["final"]
-    assert final_step(output) == 10
+    assert final_step(output) == int(done[0])
     checkpoint = max((output / "checkpoints").glob("checkpoint-*"), key=train.checkpoint_step)
     assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
 

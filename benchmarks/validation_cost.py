@@ -24,7 +24,6 @@ benchmarks/results/checkpoint_choice.md/json.
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ from run import (
     RESULTS_DIR,
     git_commit,
     library_versions,
+    load_train,
     machine_info,
     machine_line,
     markdown_table,
@@ -98,13 +98,6 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--max-queries", type=int, help="VALIDATION_MAX_QUERIES of the choice check's run")
     parser.add_argument("--distractors", type=int, help="VALIDATION_DISTRACTORS of the choice check's run")
     return parser.parse_args()
-
-
-def load_train():
-    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train = load_train()

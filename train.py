@@ -472,10 +472,6 @@ def run(main) -> None:
 # --- end of settings block ---
 
 
-class NoImprovement(Result):
-    """Training ran but nothing beat the base model on validation: a result, printed as is, exit code 1."""
-
-
 @releasing_locks
 def main() -> None:
     # 1. Settings, device and precision; the output folder is writable and locked for this run (rank 0)
@@ -770,11 +766,11 @@ def finished_trainer(s: SimpleNamespace, r: SimpleNamespace, model, args, datase
 def chosen_result(s: SimpleNamespace, trainer, model, judges: tuple, checkpoints_dir: Path):
     """The result loaded into `model`: the best checkpoint or its best mix with the base (best_mix_with_base; with
     general validation sets guarded_mix_with_base), with the best checkpoint's path and the base model's validation
-    score. NoImprovement when REQUIRE_VALIDATION_GAIN and it does not beat the base model, or when no candidate keeps
+    score. Result (exit 1) when REQUIRE_VALIDATION_GAIN and it does not beat the base model, or when no candidate keeps
     the general sets."""
     base_weights, evaluator, general_sets = judges
     best, best_score = trainer.state.best_model_checkpoint, trainer.state.best_metric
-    base_score = validation_score_at_step(trainer.state.log_history, 0)
+    base_score = validation_metrics_at_step(trainer.state.log_history, 0).get(PRIMARY_METRIC)
     gain_bar = base_score if s.REQUIRE_VALIDATION_GAIN else None  # None: no bar (the recipe, or a resumed run)
     if general_sets:
         choice = guarded_mix_with_base(model, base_weights, evaluator, (best_score, gain_bar), general_sets, s)
@@ -785,7 +781,7 @@ def chosen_result(s: SimpleNamespace, trainer, model, judges: tuple, checkpoints
         print(general_guard_block(choice["general_guard"]))
     if choice["share"] is None:
         mark_finished(checkpoints_dir, None)
-        raise NoImprovement(
+        raise Result(
             f"result: no candidate kept general strength: neither the best checkpoint nor a mix of it with the base "
             f"{'beat the base model on validation NDCG@10 and ' if gain_bar is not None else ''}lost at most "
             f"MAX_GENERAL_DROP={s.MAX_GENERAL_DROP:g} on every general validation set; nothing was saved as the final "
@@ -793,7 +789,7 @@ def chosen_result(s: SimpleNamespace, trainer, model, judges: tuple, checkpoints
         )
     if s.REQUIRE_VALIDATION_GAIN and base_score is not None and choice["score"] <= base_score:
         mark_finished(checkpoints_dir, None)
-        raise NoImprovement(
+        raise Result(
             f"result: no fine-tuned model beat the base model on validation NDCG@10 (base {base_score:.4f}, best "
             f"{choice['score']:.4f}); nothing was saved as the final model: keep using {s.MODEL_NAME}, or add "
             "training pairs, lower LEARNING_RATE or train fewer steps"
@@ -820,7 +816,7 @@ def final_lineage(s: SimpleNamespace, r: SimpleNamespace, model, trainer, choice
         "precision": "fp16" if r.fp16 else "fp32",
         "best_checkpoint": choice["best"],
         "validation": choice["metrics"]
-        or best_validation_metrics(trainer.state.log_history, trainer.state.best_global_step),
+        or validation_metrics_at_step(trainer.state.log_history, trainer.state.best_global_step),
         "base_validation": choice["base_score"],
         "mix_with_base": {"fine_tuned_share": choice["share"], "validation_scores": choice["tried"]},
         "general_guard": choice.get("general_guard"),
@@ -1377,20 +1373,15 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def best_validation_metrics(log_history: list[dict], best_step: int | None) -> dict:
-    """The validation metrics of the evaluation the best checkpoint was chosen by, without the trainer's `eval_`."""
+def validation_metrics_at_step(log_history: list[dict], step: int | None) -> dict:
+    """The validation metrics logged at `step` (step 0: the base model, evaluated before the first step), without the
+    trainer's `eval_`; empty when that step was not evaluated."""
     for entry in log_history:
-        if entry.get("step") == best_step and f"eval_{PRIMARY_METRIC}" in entry:
+        if entry.get("step") == step and f"eval_{PRIMARY_METRIC}" in entry:
             return {
                 key.removeprefix("eval_"): value for key, value in entry.items() if key.startswith("eval_validation_")
             }
     return {}
-
-
-def validation_score_at_step(log_history: list[dict], step: int) -> float | None:
-    """The validation NDCG@10 logged at `step` (step 0: the base model, evaluated before the first step)."""
-    key = f"eval_{PRIMARY_METRIC}"
-    return next((entry[key] for entry in log_history if entry.get("step") == step and key in entry), None)
 
 
 def best_mix_with_base(model, base_weights: dict | None, evaluator, best_score: float) -> dict:

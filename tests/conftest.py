@@ -54,6 +54,26 @@ def small_qa_csv(tmp_path: Path) -> Path:
     return path
 
 
+# A general set from other domains (geography, history, astronomy), English and German; the scripts find its columns
+# case-insensitively.
+GENERAL_ROWS = [
+    ("What is the capital of France?", "Paris is the capital of France and its largest city.", "en"),
+    ("Wie lang ist der Rhein?", "Der Rhein ist etwa 1.230 Kilometer lang.", "de"),
+    ("How tall is Mount Everest?", "Mount Everest is 8,849 metres tall, the highest mountain on Earth.", "en"),
+    ("Wann wurde Goethe geboren?", "Goethe wurde am 28. August 1749 in Frankfurt geboren.", "de"),
+    ("When did the Berlin Wall fall?", "The Berlin Wall fell on 9 November 1989.", "en"),
+    ("Was ist die Hauptstadt von Italien?", "Rom ist die Hauptstadt von Italien.", "de"),
+    ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun.", "en"),
+    ("Welcher Planet ist der größte?", "Jupiter ist der größte Planet im Sonnensystem.", "de"),
+]
+
+
+def write_general_set(path: Path, rows=GENERAL_ROWS, columns=("Question", "Answer", "Language")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
+    return path
+
+
 def build_tiny_model(folder: Path, texts: list[str]) -> Path:
     """Save a SentenceTransformer made of a fresh WordPiece tokenizer and a random 2-layer BERT."""
     import torch

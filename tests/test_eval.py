@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, run_script, small_qa_frame
+from conftest import GENERAL_ROWS, REPO, run_script, small_qa_frame, write_general_set
 
 LINE = re.compile(
     r"^(test(_[a-z]+)?_cosine_[a-z]+@\d+): base=\d\.\d{4} \| fine-tuned=\d\.\d{4} \| Δ=[+-]\d\.\d{4} \| bm25=\d\.\d{4}$"
@@ -127,26 +127,6 @@ def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "bow_broken_english": bag_of_words_model(tiny_model, folder / "bow_en", token_ids("en") - token_ids("de")),
         "know_nothing": bag_of_words_model(tiny_model, folder / "know_nothing", know_nothing=True),
     }
-
-
-# A general set from other domains (geography, history, astronomy), English and German; its language column is
-# spelled "Language" (found case-insensitively).
-GENERAL_ROWS = [
-    ("What is the capital of France?", "Paris is the capital of France and its largest city.", "en"),
-    ("Wie lang ist der Rhein?", "Der Rhein ist etwa 1.230 Kilometer lang.", "de"),
-    ("How tall is Mount Everest?", "Mount Everest is 8,849 metres tall, the highest mountain on Earth.", "en"),
-    ("Wann wurde Goethe geboren?", "Goethe wurde am 28. August 1749 in Frankfurt geboren.", "de"),
-    ("When did the Berlin Wall fall?", "The Berlin Wall fell on 9 November 1989.", "en"),
-    ("Was ist die Hauptstadt von Italien?", "Rom ist die Hauptstadt von Italien.", "de"),
-    ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun.", "en"),
-    ("Welcher Planet ist der größte?", "Jupiter ist der größte Planet im Sonnensystem.", "de"),
-]
-
-
-def write_general_set(path: Path, rows=GENERAL_ROWS) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["Question", "Answer", "Language"]).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="session")

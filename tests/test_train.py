@@ -15,7 +15,7 @@ from unittest import mock
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_script, small_qa_frame
+from conftest import GENERAL_ROWS, REPO, run_script, small_qa_frame, write_general_set
 
 
 def load_train():
@@ -761,20 +761,7 @@ def test_dataloader_defaults_and_grouped_batches_from_worker_processes(tiny_mode
 
 # --- the general guard (issue 13): a general validation set, and the candidate that keeps it ---------------------
 
-GENERAL_ROWS = [
-    ("What is the capital of France?", "Paris is the capital of France and its largest city.", "en"),
-    ("Wie lang ist der Rhein?", "Der Rhein ist etwa 1.230 Kilometer lang.", "de"),
-    ("How tall is Mount Everest?", "Mount Everest is 8,849 metres tall, the highest mountain on Earth.", "en"),
-    ("Wann wurde Goethe geboren?", "Goethe wurde am 28. August 1749 in Frankfurt geboren.", "de"),
-    ("When did the Berlin Wall fall?", "The Berlin Wall fell on 9 November 1989.", "en"),
-    ("Was ist die Hauptstadt von Italien?", "Rom ist die Hauptstadt von Italien.", "de"),
-]
-
-
-def write_general_set(path: Path, rows=GENERAL_ROWS) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["question", "Answer", "language"]).to_csv(path, index=False)  # any capitalisation
-    return path
+GENERAL_COLUMNS = ("question", "Answer", "language")  # the scripts find them in any capitalisation
 
 
 def test_guarded_share_keeps_the_best_validation_score_within_the_general_limit():
@@ -802,7 +789,7 @@ def guarded(tiny_model, tmp_path_factory):
     """A run with a general validation set and a limit every candidate keeps: the guard scores them all."""
     folder = tmp_path_factory.mktemp("guarded")
     write_splits(folder)
-    write_general_set(folder / "general" / "geo.csv")
+    write_general_set(folder / "general" / "geo.csv", columns=GENERAL_COLUMNS)
     env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST}
     env |= {"GENERAL_VALIDATION_PATH": "general/geo.csv", "MAX_GENERAL_DROP": "1"}
     result = run_script("train.py", folder, env)
@@ -821,14 +808,14 @@ def test_the_guard_scores_every_candidate_and_lineage_records_the_choice(guarded
     assert set(validation) == {"0.25", "0.5", "0.75", "1.0"}
     assert validation[str(share)] == max(validation.values())  # every candidate qualifies: the best validation wins
     (recorded,) = guard["sets"]
-    assert recorded["path"] == "general/geo.csv" and recorded["rows"] == 6
+    assert recorded["path"] == "general/geo.csv" and recorded["rows"] == 8
     assert recorded["sha256"] == train.sha256(folder / "general" / "geo.csv")
     assert set(recorded["tried"]) == {"0.25", "0.5", "0.75", "1.0"}
     assert recorded["chosen"] == recorded["tried"][str(share)] and 0 < recorded["base"] <= 1
     lines = stdout_lines(result)
     start = lines.index("general guard (no general validation set may lose more than MAX_GENERAL_DROP=1 NDCG@10):")
     assert lines[start + 1] == (
-        f"  general/geo.csv (6 rows): base {recorded['base']:.4f} | kept {recorded['chosen']:.4f} "
+        f"  general/geo.csv (8 rows): base {recorded['base']:.4f} | kept {recorded['chosen']:.4f} "
         f"(Δ={recorded['chosen'] - recorded['base']:+.4f})"
     )
     assert lines[start + 2 : start + 6] == [f"  share {k}: qualifies" for k in ("1", "0.75", "0.5", "0.25")]
@@ -838,7 +825,7 @@ def test_the_guard_scores_every_candidate_and_lineage_records_the_choice(guarded
 @pytest.mark.parametrize("damage", ["missing file", "missing column", "bad encoding", "overlaps training"])
 def test_a_general_validation_set_that_cannot_be_used_is_one_error_line_and_exit_2(tmp_path, damage):
     data = write_splits(tmp_path)
-    path = write_general_set(tmp_path / "general" / "geo.csv")
+    path = write_general_set(tmp_path / "general" / "geo.csv", columns=GENERAL_COLUMNS)
     if damage == "missing column":
         path.write_text(path.read_text(encoding="utf-8").replace("question,", "Frage,", 1), encoding="utf-8")
     elif damage == "bad encoding":  # Excel's cp1252: "größte" is not UTF-8
@@ -847,7 +834,7 @@ def test_a_general_validation_set_that_cannot_be_used_is_one_error_line_and_exit
         training = pd.read_csv(data / "qa_training_set.csv")
         rows = [(training["Question"][0].upper().rstrip("?"), "Another answer.", "en"),
                 ("Another question?", training["Answer"][1], "en")]  # fmt: skip
-        write_general_set(path, GENERAL_ROWS + rows)
+        write_general_set(path, GENERAL_ROWS + rows, GENERAL_COLUMNS)
     general = "general/nope.csv" if damage == "missing file" else "general/geo.csv"
     # The model is never loaded: the general set is refused before anything slow.
     result = run_script("train.py", tmp_path, {"MODEL_NAME": "/no/such/model", "GENERAL_VALIDATION_PATH": general})
@@ -859,7 +846,7 @@ def test_a_general_validation_set_that_cannot_be_used_is_one_error_line_and_exit
         "bad encoding": r"error: general/geo\.csv is not a readable UTF-8 CSV \('utf-8' codec can't decode byte 0xf6 "
         r"in position \d+: invalid start byte\); save it as UTF-8 \(Excel: CSV UTF-8\)",
         "overlaps training": r"error: general validation set general/geo\.csv overlaps the training split "
-        r"data/qa_training_set\.csv: 2 of 8 rows share a normalised question \(1\) or an answer \(1\) with it; a "
+        r"data/qa_training_set\.csv: 2 of 10 rows share a normalised question \(1\) or an answer \(1\) with it; a "
         r"general set holds questions from other domains: remove those rows",
     }[damage]
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
@@ -874,7 +861,7 @@ def test_a_run_whose_every_candidate_fails_the_guard_saves_nothing_and_says_so(t
     base = trained[0] / "output" / "final"
     data = write_splits(tmp_path)
     shutil.copy(data / "qa_training_set.csv", data / "qa_validation_set.csv")
-    write_general_set(tmp_path / "general" / "geo.csv")
+    write_general_set(tmp_path / "general" / "geo.csv", columns=GENERAL_COLUMNS)
     env = {"MODEL_NAME": str(base), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "1", **FAST, "LEARNING_RATE": "1"}
     env |= {"REQUIRE_VALIDATION_GAIN": "true", "GENERAL_VALIDATION_PATH": "general/geo.csv"}
     result = run_script("train.py", tmp_path, env)
@@ -886,7 +873,7 @@ def test_a_run_whose_every_candidate_fails_the_guard_saves_nothing_and_says_so(t
         "nothing was saved as the final model"
     )
     assert "  share 1: validation " in result.stdout and "does not beat the base's" in result.stdout
-    assert any(line.startswith("  general/geo.csv (6 rows): base ") and line.endswith("nothing kept") for line in lines)
+    assert any(line.startswith("  general/geo.csv (8 rows): base ") and line.endswith("nothing kept") for line in lines)
     assert not (tmp_path / "output" / "final").exists()
     assert json.loads((tmp_path / "output" / "checkpoints" / "run.json").read_text())["finished_at"]
 

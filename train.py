@@ -62,7 +62,7 @@ VALIDATION_DISTRACTORS = 1500  # other answers (training, other validation) sear
 SEED = 42  # seeds the shuffling, the initialisation of new weights and dropout
 FP16 = True  # mixed precision; only on a CUDA GPU (the CPU trains in fp32)
 NO_DUPLICATE_BATCHES = True  # no two rows of one split group (same answer, question or GROUP_COLUMN value) in a batch
-NEIGHBOUR_ROWS = 0  # > 0: each random row brings N rows whose answers the base model confuses with its own
+NEIGHBOUR_ROWS = 3  # each random row brings N rows whose answers the base model confuses with its own; 0 = off
 MIX_WITH_BASE = False  # WiSE-FT: keep the mix of fine-tuned and base weights that scores best on validation
 REQUIRE_VALIDATION_GAIN = True  # save no final model unless it beats the base model on validation (False: the recipe)
 GENERAL_VALIDATION_PATH = ""  # Q/A CSVs of other domains, comma-separated: keep a result that loses little on each

@@ -1,6 +1,6 @@
 """Benchmarks: the project's training against the plain recipe on multilingual-e5-small, at equal steps, several seeds.
 
-    python benchmarks/run.py --quick      # XQuAD sentence CSV, 1 seed, 40 steps per run: ~12 minutes on 2 idle cores
+    python benchmarks/run.py --quick      # XQuAD sentence CSV, 1 seed, 40 steps per run: ~14 minutes on 2 idle cores
     python benchmarks/run.py              # XQuAD (79 steps) and the bundled sample (3 epochs), seeds 42, 43, 44
     python benchmarks/run.py --minilm     # ... plus all-MiniLM-L6-v2 on XQuAD (one seed, English-only model)
 
@@ -178,7 +178,7 @@ def main() -> None:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="XQuAD only, 1 seed, 40 steps: ~12 minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="XQuAD only, 1 seed, 40 steps: ~14 minutes on 2 cores")
     parser.add_argument("--model", help=f"the multilingual-e5-small folder (default: E5_SMALL_DIR or {E5_SMALL_DIR})")
     parser.add_argument("--minilm", action="store_true", help="add all-MiniLM-L6-v2 on XQuAD (one seed, no prompts)")
     parser.add_argument("--datasets", choices=("xquad", "sample", "xquad,sample"), help="instead of the mode's")

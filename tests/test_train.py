@@ -1,5 +1,6 @@
 """train.py: end to end on the tiny model, resume after kill -9, LoRA, tracking, torchrun, and bad input."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -151,6 +152,15 @@ def popen_train(cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def has_saved_trainer_state(checkpoints: Path) -> bool:
+    """Whether a checkpoint's trainer_state.json (the trainer writes it last) holds whole JSON: it may be mid-write."""
+    for path in checkpoints.glob("checkpoint-*/trainer_state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            json.loads(path.read_text())
+            return True
+    return False
+
+
 def test_kill_and_resume_reaches_the_same_step_and_weights(tiny_model, tmp_path):
     env = {"MODEL_NAME": str(tiny_model), "BATCH_SIZE": "4", "NUM_TRAIN_EPOCHS": "6", **FAST}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -160,14 +170,15 @@ def test_kill_and_resume_reaches_the_same_step_and_weights(tiny_model, tmp_path)
 
     process = popen_train(killed, env)
     checkpoints = killed / "output" / "checkpoints"
-    while process.poll() is None and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    while process.poll() is None and not has_saved_trainer_state(checkpoints):
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not (killed / "output" / "final").exists()
+    # The kill may land while the trainer writes a later checkpoint: the resume must pick the last complete one.
+    last = train.last_complete_checkpoint(checkpoints, world_size=1)
     # Simulate a kill in the middle of writing the next checkpoint: weights there, trainer state not yet.
-    last = max(checkpoints.glob("checkpoint-*"), key=train.checkpoint_step)
-    half = checkpoints / f"checkpoint-{train.checkpoint_step(last) + 10}"
+    half = checkpoints / f"checkpoint-{max(map(train.checkpoint_step, checkpoints.glob('checkpoint-*'))) + 5}"
     shutil.copytree(last, half)
     (half / "trainer_state.json").unlink()
 

@@ -369,6 +369,26 @@ def test_hard_negatives_cached_loss_bounded_validation_and_offline_tracking(tiny
     assert "| mixed with the base (share of fine-tuned weights: score) 0.25: " in result.stdout
 
 
+def test_train_with_dropout_false_switches_off_every_dropout_layer_and_the_default_keeps_them(tiny_model):
+    import torch
+
+    frame = small_qa_frame()
+    options = {"MODEL_NAME": str(tiny_model), "QUERY_PROMPT": "query: ", "PASSAGE_PROMPT": "passage: "}
+    options |= {"MINE_HARD_NEGATIVES": False, "MIX_WITH_BASE": False, "GENERAL_VALIDATION_PATH": "", "USE_LORA": False}
+    rates = {}
+    for keep in (True, False):
+        s = SimpleNamespace(**options, TRAIN_WITH_DROPOUT=keep)
+        model = train.model_and_datasets(s, frame, frame.head(4), verbose=False)[0]
+        rates[keep] = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(rates[True]) >= 5 and set(rates[True]) == {0.1}  # BERT's embeddings, attention and output layers
+    assert len(rates[False]) == len(rates[True]) and set(rates[False]) == {0.0}
+    model.train()  # the trainer's mode: with dropout off, two passes over one batch give the same embeddings
+    features = model.preprocess(["query: how do I reset my password"])
+    with torch.no_grad():
+        first, second = (model(dict(features))["sentence_embedding"] for _ in range(2))
+    assert torch.equal(first, second)
+
+
 def test_mixed_weights_move_floats_part_of_the_way_and_keep_integer_buffers():
     import torch
 
